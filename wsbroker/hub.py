@@ -1,0 +1,162 @@
+"""Channel → local subscribers, and the fan-out of backplane messages to them.
+
+The hub holds one backplane subscription per channel however many local
+subscribers it has, and adds a subscriber only once that subscription is
+confirmed, so the ``ok`` a client gets for ``subscribe`` means every later
+publish reaches it.
+
+Fan-out is the hot path: per backplane message the payload is validated once,
+the outgoing WebSocket frame is built once, and each subscriber gets the same
+bytes through a synchronous ``deliver`` call: no per-subscriber JSON, task or
+await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wsbroker.backplane import Backplane
+from wsbroker.metrics import Metrics
+from wsbroker.protocol import decode_payload, encode_message, text_frame
+
+log = logging.getLogger("wsbroker.hub")
+
+INVALID_PAYLOAD_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One server frame: its JSON ``payload`` and the same as a framed ``wire`` message."""
+
+    payload: bytes
+    wire: bytes
+
+    @classmethod
+    def of(cls, payload: bytes) -> Outgoing:
+        return cls(payload, text_frame(payload))
+
+
+class Subscriber(Protocol):
+    """What the hub needs from a session: take a frame now, without awaiting."""
+
+    def deliver(self, message: Outgoing) -> bool:
+        """Queue ``message``; False if this subscriber is closing and took nothing."""
+        ...
+
+
+@dataclass(slots=True)
+class _Channel:
+    """A channel's local subscribers and its backplane subscription."""
+
+    ready: asyncio.Task[None]
+    subscribers: dict[Subscriber, None] = field(default_factory=dict)
+    joining: int = 0
+
+
+class Hub:
+    """Tracks who is subscribed to what on this node and fans messages out."""
+
+    def __init__(self, backplane: Backplane, metrics: Metrics) -> None:
+        self._backplane = backplane
+        self._metrics = metrics
+        self._channels: dict[str, _Channel] = {}
+        self._subscription_count = 0
+        self._invalid_payloads = 0
+        self._invalid_logged_at = -INVALID_PAYLOAD_LOG_INTERVAL
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    @property
+    def subscription_count(self) -> int:
+        return self._subscription_count
+
+    async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Add ``subscriber`` once the backplane has confirmed ``channel``.
+
+        Raises :class:`~wsbroker.backplane.BackplaneUnavailable` when the
+        backplane cannot subscribe now; nothing is left half-done then.
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            task = asyncio.ensure_future(self._backplane.subscribe(channel))
+            state = self._channels[channel] = _Channel(task)
+        state.joining += 1
+        try:
+            await asyncio.shield(state.ready)
+        finally:
+            state.joining -= 1
+            # A failed backplane subscribe is forgotten so the next attempt retries.
+            # (A waiter cancelled at shutdown leaves the channel to hub.close().)
+            if state.ready.done() and (state.ready.cancelled() or state.ready.exception()):
+                self._forget_if_idle(channel, state)
+        if subscriber not in state.subscribers:
+            state.subscribers[subscriber] = None
+            self._subscription_count += 1
+
+    async def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Remove ``subscriber``; the last one out releases the backplane subscription."""
+        state = self._channels.get(channel)
+        if state is None or subscriber not in state.subscribers:
+            return
+        del state.subscribers[subscriber]
+        self._subscription_count -= 1
+        if self._forget_if_idle(channel, state):
+            await self._backplane.unsubscribe(channel)
+
+    def _forget_if_idle(self, channel: str, state: _Channel) -> bool:
+        """Drop a channel that nobody holds or waits for; True if it was dropped."""
+        if state.subscribers or state.joining or self._channels.get(channel) is not state:
+            return False
+        del self._channels[channel]
+        return True
+
+    def on_message(self, channel: str, payload: bytes) -> None:
+        """Backplane receiver: validate once, frame once, deliver to every local subscriber."""
+        metrics = self._metrics
+        metrics.messages_received.inc()
+        state = self._channels.get(channel)
+        if state is None or not state.subscribers:
+            return
+        started = time.perf_counter()
+        try:
+            envelope = decode_payload(payload)
+        except ValueError as exc:
+            self._drop_invalid(channel, exc)
+            return
+        message = Outgoing.of(
+            encode_message(channel, envelope.data, envelope.sender, envelope.offset)
+        )
+        delivered = 0
+        for subscriber in state.subscribers:
+            delivered += subscriber.deliver(message)
+        metrics.messages_delivered.inc(delivered)
+        metrics.fanout_seconds.observe(time.perf_counter() - started)
+
+    def _drop_invalid(self, channel: str, error: ValueError) -> None:
+        self._metrics.messages_dropped.labels("invalid_payload").inc()
+        self._invalid_payloads += 1
+        now = time.monotonic()
+        if now - self._invalid_logged_at >= INVALID_PAYLOAD_LOG_INTERVAL:
+            log.warning(
+                "dropped %d backplane payload(s) that are not JSON (latest on %r: %s); "
+                "publishers must send a JSON document or a wsb1 envelope",
+                self._invalid_payloads, channel, error,
+            )
+            self._invalid_payloads = 0
+            self._invalid_logged_at = now
+
+    async def close(self) -> None:
+        """Cancel backplane subscriptions still in flight (node shutdown)."""
+        for state in self._channels.values():
+            state.ready.cancel()
+            with contextlib.suppress(BaseException):
+                await state.ready
+        self._channels.clear()
+        self._subscription_count = 0

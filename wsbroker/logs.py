@@ -1,0 +1,75 @@
+"""Logging set-up: readable text or JSON lines on stderr, with secrets redacted.
+
+Redaction runs on the final message of every record, the websockets library's
+debug output included (it logs request lines and frames), so a JWT can never
+reach a log line whichever logger or format carried it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+
+import orjson
+
+_SECRETS = (
+    # A JWT anywhere: three base64url parts, the first one a JSON header ("eyJ").
+    (re.compile(r"eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.?[A-Za-z0-9_\-]*"), "[redacted-jwt]"),
+    # Any token= parameter, whatever its value looks like.
+    (re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE), r"\1[redacted]"),
+    (re.compile(r"(\"token\"\s*:\s*\")[^\"]*", re.IGNORECASE), r"\1[redacted]"),
+    (re.compile(r"(authorization:\s*\w+\s+)\S+", re.IGNORECASE), r"\1[redacted]"),
+)
+
+
+def redact(message: str) -> str:
+    for pattern, replacement in _SECRETS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
+class RedactingFilter(logging.Filter):
+    """Renders each record's message once, with secrets removed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send every log line to stderr (stdout is for what commands print)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The library's per-connection INFO lines ("connection open") are noise at scale.
+    websockets_level = logging.DEBUG if level == "debug" else logging.WARNING
+    logging.getLogger("websockets").setLevel(websockets_level)

@@ -1,0 +1,72 @@
+"""Prometheus metrics: every name the node exports, in one registry per node.
+
+A registry per node (rather than the global default) lets tests run several
+nodes in one process and keeps ``/metrics`` to what this node measured.
+Gauges that mirror live state (connections, subscriptions, channels) are read
+at scrape time, so the hot path never updates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    exposition,
+    generate_latest,
+)
+
+CONTENT_TYPE = exposition.CONTENT_TYPE_LATEST
+
+FANOUT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                  0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """The node's instruments; ``render()`` is the body of ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("wsbroker_connections", "Open WebSocket connections.",
+                                 registry=r)
+        self.subscriptions = Gauge("wsbroker_subscriptions",
+                                   "Client subscriptions on this node.", registry=r)
+        self.channels = Gauge("wsbroker_channels", "Channels with local subscribers.",
+                              registry=r)
+        self.messages_received = Counter(
+            "wsbroker_messages_received", "Messages received from the backplane.", registry=r)
+        self.messages_delivered = Counter(
+            "wsbroker_messages_delivered", "Message frames written to clients.", registry=r)
+        self.messages_dropped = Counter(
+            "wsbroker_messages_dropped", "Messages not delivered, by reason.", ["reason"],
+            registry=r)
+        self.auth_failures = Counter(
+            "wsbroker_auth_failures", "Refused tokens, by reason.", ["reason"], registry=r)
+        self.disconnects = Counter(
+            "wsbroker_disconnects", "Closed connections, by close code.", ["code"], registry=r)
+        self.backplane_reconnects = Counter(
+            "wsbroker_backplane_reconnects", "Times the backplane came back after a loss.",
+            registry=r)
+        self.backplane_up = Gauge("wsbroker_backplane_up", "1 while the backplane is up.",
+                                  registry=r)
+        self.fanout_seconds = Histogram(
+            "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
+            buckets=FANOUT_BUCKETS, registry=r)
+
+    def observe_live(
+        self,
+        connections: Callable[[], float],
+        subscriptions: Callable[[], float],
+        channels: Callable[[], float],
+    ) -> None:
+        """Read the live-state gauges from the node at scrape time."""
+        self.connections.set_function(connections)
+        self.subscriptions.set_function(subscriptions)
+        self.channels.set_function(channels)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,266 @@
+"""A wsbroker node: the websockets server, its handshake rules and its graceful drain.
+
+The handshake decides everything that can be decided before a WebSocket
+exists (route, origin, capacity, a token given in the header or URL), so a
+refused client gets a plain HTTP answer and costs no connection state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Sequence
+from types import TracebackType
+from urllib.parse import parse_qs
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from wsbroker import http
+from wsbroker.auth import AuthError, Identity, Verifier
+from wsbroker.backplane import Backplane, create_backplane
+from wsbroker.config import Settings
+from wsbroker.hub import Hub
+from wsbroker.metrics import CONTENT_TYPE, Metrics
+from wsbroker.session import CLOSE_SERVICE_RESTART, NodeServices, Session
+
+log = logging.getLogger("wsbroker.server")
+
+PING_INTERVAL = 20.0
+PING_TIMEOUT = 20.0
+CLOSE_TIMEOUT = 5.0
+
+
+class Node:
+    """One wsbroker node. Use ``async with Node(settings) as node`` or start/drain."""
+
+    def __init__(self, settings: Settings, backplane: Backplane | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.backplane = backplane if backplane is not None else create_backplane(settings)
+        self.hub = Hub(self.backplane, self.metrics)
+        self.verifier = Verifier(settings)
+        self.services = NodeServices(
+            settings, self.hub, self.backplane, self.verifier, self.metrics
+        )
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self._admitted: set[ServerConnection] = set()
+        self._handshake_identity: dict[ServerConnection, Identity] = {}
+        self._trusted_proxies = _parse_networks(settings.trusted_proxies)
+        self._backplane_seen_down = False
+        self._server: Server | None = None
+        self.metrics.observe_live(
+            lambda: len(self._admitted),
+            lambda: self.hub.subscription_count,
+            lambda: self.hub.channel_count,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.backplane.bind(self.hub.on_message, self._on_backplane_state)
+        await self.backplane.start()
+        self._server = await serve(
+            self._serve_connection,
+            settings.host,
+            settings.port,
+            process_request=self._process_request,
+            compression="deflate" if settings.compression else None,
+            max_size=settings.max_message_size,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            server_header="wsbroker",
+            ssl=_tls_context(settings),
+            reuse_port=settings.workers > 1,
+        )
+        log.info("node %s listening on %s://%s:%d/ws (backplane: %s)",
+                 settings.node_id, "wss" if settings.tls_cert else "ws", settings.host,
+                 self.port, type(self.backplane).__name__)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "node not started"
+        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    @property
+    def ready(self) -> bool:
+        return self.backplane.is_up and not self.draining
+
+    async def drain(self) -> None:
+        """Graceful shutdown (SPEC §8): refuse new clients, close old ones with 1012
+        spread over ``--drain-seconds`` so they do not all reconnect at once, stop."""
+        self.draining = True
+        sessions = list(self.sessions)
+        spread = self.settings.drain_seconds
+        log.info("draining %d clients over %.1fs", len(sessions), spread)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for index, session in enumerate(sessions):
+            due = started + spread * index / len(sessions)
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+        if sessions:
+            closing = [asyncio.ensure_future(session.wait_closed()) for session in sessions]
+            _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
+            for task in late:
+                task.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Close everything now (clients still connected get 1001 from websockets)."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                    await self._server.wait_closed()
+        await self.hub.close()
+        await self.backplane.stop()
+        log.info("node %s stopped", self.settings.node_id)
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _on_backplane_state(self, up: bool) -> None:
+        self.metrics.backplane_up.set(1 if up else 0)
+        if not up:
+            self._backplane_seen_down = True
+            log.warning("backplane down: /readyz is 503 until it is back")
+        elif self._backplane_seen_down:
+            self.metrics.backplane_reconnects.inc()
+            log.info("backplane back up")
+
+    # -- handshake ---------------------------------------------------------------
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        path, _, query = request.path.partition("?")
+        is_upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if path == "/ws":
+            if not is_upgrade:
+                return http.upgrade_required()
+            return await self._admit(connection, request, query)
+        if is_upgrade:
+            return http.text(404, "WebSocket endpoint is /ws")
+        return self._http_route(path)
+
+    def _http_route(self, path: str) -> Response:
+        if path == "/healthz":
+            return http.text(200, "ok")
+        if path == "/readyz":
+            if self.ready:
+                return http.text(200, "ready")
+            return http.text(503, "draining" if self.draining else "backplane unavailable")
+        if path == "/metrics":
+            return http.respond(200, self.metrics.render(), CONTENT_TYPE)
+        if path == "/" and self.settings.dev:
+            return http.respond(200, http.demo_page(), http.HTML)
+        return http.text(404, "not found")
+
+    async def _admit(
+        self, connection: ServerConnection, request: Request, query: str
+    ) -> Response | None:
+        settings = self.settings
+        if self.draining:
+            return http.text(503, "node is shutting down; connect again")
+        origin = request.headers.get("Origin")
+        if settings.allowed_origins and origin is not None and (
+            origin not in settings.allowed_origins
+        ):
+            return http.text(403, "origin not allowed")
+        if settings.max_connections and len(self._admitted) >= settings.max_connections:
+            return http.text(503, "node is at its connection limit; try another")
+        token = _handshake_token(request, query)
+        if token is not None:
+            try:
+                identity = await self.verifier.verify(token)
+            except AuthError as exc:
+                self.metrics.auth_failures.labels(exc.reason).inc()
+                return http.text(401, str(exc))
+            self._handshake_identity[connection] = identity
+        self._admitted.add(connection)
+        connection.connection_lost_waiter.add_done_callback(
+            lambda _: self._forget(connection)
+        )
+        return None
+
+    def _forget(self, connection: ServerConnection) -> None:
+        self._admitted.discard(connection)
+        self._handshake_identity.pop(connection, None)
+
+    async def _serve_connection(self, connection: ServerConnection) -> None:
+        identity = self._handshake_identity.pop(connection, None)
+        session = Session(self.services, connection, identity, self.client_address(connection))
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def client_address(self, connection: ServerConnection) -> str:
+        """The peer address, or the X-Forwarded-For client when the peer is a trusted proxy."""
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        request = connection.request
+        if self._trusted_proxies and request is not None and _in_networks(
+            peer, self._trusted_proxies
+        ):
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                # The nearest hop not ours is the client: walk from the right.
+                for hop in reversed([part.strip() for part in forwarded.split(",")]):
+                    if not _in_networks(hop, self._trusted_proxies):
+                        return hop
+        return str(peer)
+
+
+def _handshake_token(request: Request, query: str) -> str | None:
+    authorization = request.headers.get("Authorization")
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    values = parse_qs(query).get("token") if query else None
+    return values[0] if values else None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse_networks(texts: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
+
+
+def _in_networks(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context

@@ -1,0 +1,310 @@
+"""One connected client: who it is, what it subscribed to, and its ops, one at a time.
+
+Ops from one connection are handled in order, so a client's publishes reach
+the backplane in the order it sent them and its replies come back in order.
+Every frame the server sends goes through :meth:`Session.deliver`, which
+writes without awaiting and cuts a client whose unsent bytes pass
+``--max-send-buffer`` (SPEC §8): a slow reader never slows anyone else and
+never grows memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from wsbroker import protocol
+from wsbroker.auth import AuthError, Identity, Verifier
+from wsbroker.backplane import Backplane, BackplaneUnavailable
+from wsbroker.config import Settings
+from wsbroker.hub import Hub, Outgoing
+from wsbroker.metrics import Metrics
+from wsbroker.protocol import OpId, ProtocolError
+from wsbroker.ratelimit import OpLimiter
+
+log = logging.getLogger("wsbroker.session")
+
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_SERVICE_RESTART = 1012
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_RATE_LIMITED = 4008
+CLOSE_SLOW_CONSUMER = 4009
+
+
+@dataclass(frozen=True, slots=True)
+class NodeServices:
+    """What a session uses of its node; passed in so sessions never import the server."""
+
+    settings: Settings
+    hub: Hub
+    backplane: Backplane
+    verifier: Verifier
+    metrics: Metrics
+
+
+class Session:
+    """Serves one WebSocket connection from welcome to close."""
+
+    def __init__(
+        self,
+        node: NodeServices,
+        connection: ServerConnection,
+        identity: Identity | None,
+        address: str,
+    ) -> None:
+        self._node = node
+        self._settings = node.settings
+        self._connection = connection
+        self._ws = connection.protocol
+        self._transport = connection.transport
+        self._compressed = bool(connection.protocol.extensions)
+        self._max_send_buffer = node.settings.max_send_buffer
+        self.identity = identity
+        self.address = address
+        self.client_id = secrets.token_urlsafe(12)
+        self.channels: set[str] = set()
+        self._limiter = OpLimiter(node.settings.rate_limit)
+        self._cut = False
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    # -- writing ---------------------------------------------------------------
+
+    def deliver(self, message: Outgoing) -> bool:
+        """Queue one frame without awaiting; cut the client if it is too far behind."""
+        if self._cut or self._ws.state is not State.OPEN:
+            return False
+        if self._transport.get_write_buffer_size() > self._max_send_buffer:
+            self._cut_slow_consumer()
+            return False
+        if self._compressed:
+            self._ws.send_text(message.payload)
+            self._connection.send_data()
+        else:
+            self._transport.write(message.wire)
+        return True
+
+    def send(self, payload: bytes) -> None:
+        self.deliver(Outgoing.of(payload))
+
+    def _cut_slow_consumer(self) -> None:
+        self._cut = True
+        self._node.metrics.messages_dropped.labels("slow_consumer").inc()
+        log.info("client %s (%s) is not reading fast enough: more than %d bytes queued; "
+                 "closing it with 4009", self.client_id, self.address, self._max_send_buffer)
+        self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Start the closing handshake from a callback (timers, fan-out, drain)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._connection.close(code, reason))
+
+    async def close(self, code: int, reason: str) -> None:
+        self.close_soon(code, reason)
+        assert self._closing is not None
+        await asyncio.shield(self._closing)
+
+    async def wait_closed(self) -> None:
+        await self._connection.wait_closed()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Authenticate if needed, then answer ops until the connection closes."""
+        try:
+            if self.identity is None:
+                if not await self._authenticate_first():
+                    return
+            else:
+                self._welcome(None)
+            async for frame in self._connection:
+                if isinstance(frame, bytes):
+                    await self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
+                    return
+                await self._handle(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._release()
+
+    async def _authenticate_first(self) -> bool:
+        try:
+            async with asyncio.timeout(self._settings.auth_timeout):
+                frame = await self._connection.recv()
+        except TimeoutError:
+            self._node.metrics.auth_failures.labels("timeout").inc()
+            await self.close(CLOSE_UNAUTHORIZED, "authentication timed out")
+            return False
+        if isinstance(frame, bytes):
+            await self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
+            return False
+        try:
+            op = protocol.parse_op(frame)
+        except ProtocolError:
+            op = None
+        if not isinstance(op, protocol.Auth):
+            self._node.metrics.auth_failures.labels("no_auth").inc()
+            await self.close(CLOSE_UNAUTHORIZED, "authenticate first")
+            return False
+        try:
+            self.identity = await self._node.verifier.verify(op.token)
+        except AuthError as exc:
+            self._node.metrics.auth_failures.labels(exc.reason).inc()
+            await self.close(CLOSE_UNAUTHORIZED, str(exc)[:100])
+            return False
+        self._welcome(op.id)
+        return True
+
+    def _welcome(self, op_id: OpId) -> None:
+        identity = self._require_identity()
+        self.send(protocol.encode_welcome(
+            self.client_id, identity.user, self._settings.node_id, identity.expires, op_id
+        ))
+        self._schedule_expiry()
+        log.debug("client %s authenticated as %r from %s",
+                  self.client_id, identity.user, self.address)
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        identity = self._require_identity()
+        delay = identity.expires + self._settings.jwt_leeway - time.time()
+        self._expiry = asyncio.get_running_loop().call_later(
+            max(delay, 0.0), self.close_soon, CLOSE_UNAUTHORIZED, "token expired"
+        )
+
+    async def _release(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        hub = self._node.hub
+        for channel in self.channels:
+            with contextlib.suppress(Exception):
+                await hub.unsubscribe(channel, self)
+        self.channels.clear()
+        code = self._connection.close_code
+        self._node.metrics.disconnects.labels(str(code if code is not None else 1006)).inc()
+
+    def _require_identity(self) -> Identity:
+        assert self.identity is not None, "session used before authentication"
+        return self.identity
+
+    # -- ops -----------------------------------------------------------------------
+
+    async def _handle(self, frame: str) -> None:
+        allowed = self._limiter.allow()
+        try:
+            op = protocol.parse_op(frame)
+        except ProtocolError as exc:
+            if allowed:
+                self.send(protocol.encode_error(exc.op_id, exc.code, exc.message))
+            else:
+                self._reject_rate_limited(exc.op_id)
+            return
+        if not allowed:
+            self._reject_rate_limited(op.id)
+            return
+        try:
+            reply = await self._dispatch(op)
+        except ProtocolError as exc:
+            reply = protocol.encode_error(op.id, exc.code, exc.message)
+        except BackplaneUnavailable:
+            reply = protocol.encode_error(
+                op.id, "unavailable", "the backplane is unavailable; retry shortly"
+            )
+        if reply is not None:
+            self.send(reply)
+
+    def _reject_rate_limited(self, op_id: OpId) -> None:
+        self.send(protocol.encode_error(op_id, "rate_limited", "too many operations; slow down"))
+        if self._limiter.abusive:
+            log.info("client %s (%s) kept exceeding the rate limit; closing it with 4008",
+                     self.client_id, self.address)
+            self.close_soon(CLOSE_RATE_LIMITED, "rate limited")
+
+    async def _dispatch(self, op: protocol.Op) -> bytes | None:
+        match op:
+            case protocol.Subscribe():
+                return await self._subscribe(op)
+            case protocol.Unsubscribe():
+                return await self._unsubscribe(op)
+            case protocol.Publish():
+                return await self._publish(op)
+            case protocol.History():
+                return self._history(op)
+            case protocol.Auth():
+                await self._refresh(op)
+                return None
+            case protocol.Ping():
+                return protocol.encode_ok(op.id)
+
+    def _may_read(self, channel: str) -> bool:
+        identity = self._require_identity()
+        return identity.channels.matches(channel) or self._settings.public_channels.matches(
+            channel
+        )
+
+    def _check_read(self, op_id: OpId, channel: str) -> None:
+        if not self._may_read(channel):
+            raise ProtocolError("forbidden", f"token does not allow channel {channel!r}", op_id)
+
+    async def _subscribe(self, op: protocol.Subscribe) -> bytes:
+        self._check_read(op.id, op.channel)
+        if op.channel not in self.channels:
+            if len(self.channels) >= self._settings.max_subscriptions:
+                raise ProtocolError(
+                    "too_many_subscriptions",
+                    f"at most {self._settings.max_subscriptions} subscriptions per connection",
+                    op.id,
+                )
+            await self._node.hub.subscribe(op.channel, self)
+            self.channels.add(op.channel)
+        return protocol.encode_ok(op.id, channel=op.channel)
+
+    async def _unsubscribe(self, op: protocol.Unsubscribe) -> bytes:
+        if op.channel in self.channels:
+            self.channels.discard(op.channel)
+            await self._node.hub.unsubscribe(op.channel, self)
+        return protocol.encode_ok(op.id, channel=op.channel)
+
+    async def _publish(self, op: protocol.Publish) -> bytes:
+        identity = self._require_identity()
+        if not identity.publish.matches(op.channel):
+            raise ProtocolError(
+                "forbidden", f"token does not allow publishing to {op.channel!r}", op.id
+            )
+        envelope = protocol.encode_envelope(op.data, sender=identity.user)
+        await self._node.backplane.publish(op.channel, envelope)
+        return protocol.encode_ok(op.id, channel=op.channel)
+
+    def _history(self, op: protocol.History) -> bytes:
+        self._check_read(op.id, op.channel)
+        raise ProtocolError(
+            "not_enabled", f"channel {op.channel!r} keeps no history (see --history)", op.id
+        )
+
+    async def _refresh(self, op: protocol.Auth) -> None:
+        identity = self._require_identity()
+        try:
+            fresh = await self._node.verifier.verify(op.token)
+        except AuthError as exc:
+            self._node.metrics.auth_failures.labels(exc.reason).inc()
+            raise ProtocolError("unauthorized", str(exc), op.id) from None
+        if fresh.user != identity.user:
+            raise ProtocolError("forbidden", "a refreshed token must have the same 'sub'", op.id)
+        self.identity = fresh
+        self._schedule_expiry()
+        self.send(protocol.encode_ok(op.id, expires=fresh.expires))
+        for channel in sorted(self.channels):
+            if not self._may_read(channel):
+                self.channels.discard(channel)
+                await self._node.hub.unsubscribe(channel, self)
+                self.send(protocol.encode_unsubscribed(channel, "forbidden"))
+        return None
