@@ -105,7 +105,9 @@ class Session:
     def close_soon(self, code: int, reason: str) -> None:
         """Start the closing handshake from a callback (timers, fan-out, drain)."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._connection.close(code, reason))
+            self._closing = asyncio.ensure_future(
+                self._connection.close(code, _fit_close_reason(reason))
+            )
 
     async def close(self, code: int, reason: str) -> None:
         self.close_soon(code, reason)
@@ -158,7 +160,7 @@ class Session:
             self.identity = await self._node.verifier.verify(op.token)
         except AuthError as exc:
             self._node.metrics.auth_failures.labels(exc.reason).inc()
-            await self.close(CLOSE_UNAUTHORIZED, str(exc)[:100])
+            await self.close(CLOSE_UNAUTHORIZED, str(exc))
             return False
         self._welcome(op.id)
         return True
@@ -308,3 +310,14 @@ class Session:
                 await self._node.hub.unsubscribe(channel, self)
                 self.send(protocol.encode_unsubscribed(channel, "forbidden"))
         return None
+
+
+MAX_CLOSE_REASON_BYTES = 123  # a close frame is a control frame: 125 bytes with the code
+
+
+def _fit_close_reason(reason: str) -> str:
+    """Shorten ``reason`` to what a close frame can carry, on a character boundary."""
+    encoded = reason.encode()
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."

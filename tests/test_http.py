@@ -1,0 +1,97 @@
+"""HTTP on the WebSocket port: probes, metrics, routing, origins (SPEC §9)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import NodeFactory, http_url, ws_url
+from tests.helpers import Client, http_get, make_token
+from wsbroker.server import Node
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    return await asyncio.to_thread(http_get, url)
+
+
+async def test_probes(node: Node) -> None:
+    assert (await get(http_url(node) + "/healthz"))[0] == 200
+    status, content_type, body = await get(http_url(node) + "/readyz")
+    assert (status, body.strip()) == (200, "ready")
+    assert content_type.startswith("text/plain")
+
+
+async def test_metrics_exposes_the_spec_names(node: Node) -> None:
+    async with Client.connect(ws_url(node), make_token()) as client:
+        await client.subscribe("m")
+        await node.backplane.publish("m", b"1")
+        await client.next_message()
+        status, content_type, body = await get(http_url(node) + "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=")
+    for name in ("wsbroker_connections 1.0", "wsbroker_subscriptions 1.0",
+                 "wsbroker_channels 1.0", "wsbroker_messages_received_total 1.0",
+                 "wsbroker_messages_delivered_total 1.0", "wsbroker_backplane_up 1.0",
+                 "wsbroker_backplane_reconnects_total 0.0", "wsbroker_fanout_seconds_count 1.0",
+                 "# TYPE wsbroker_messages_dropped_total counter",
+                 "# TYPE wsbroker_auth_failures_total counter",
+                 "# TYPE wsbroker_disconnects_total counter"):
+        assert name in body, name
+
+
+async def test_disconnects_are_counted_by_code(node: Node) -> None:
+    async with Client.connect(ws_url(node), make_token()) as client:
+        await client.ws.send(b"binary")
+        assert (await client.closed())[0] == 1003
+    async with asyncio.timeout(5):
+        while 'wsbroker_disconnects_total{code="1003"} 1.0' not in (
+            await get(http_url(node) + "/metrics"))[2]:
+            await asyncio.sleep(0.02)  # the count lands when the server's handler ends
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/ws/extra", "/metrics/x", "/index.html"])
+async def test_other_paths_are_404(node: Node, path: str) -> None:
+    assert (await get(http_url(node) + path))[0] == 404
+
+
+async def test_demo_page_only_in_dev_mode(start_node: NodeFactory) -> None:
+    dev = await start_node(dev=True)
+    status, content_type, body = await get(http_url(dev) + "/")
+    assert status == 200 and content_type.startswith("text/html") and "wsbroker" in body
+
+
+async def test_ws_without_upgrade_is_426(node: Node) -> None:
+    status, _, body = await get(http_url(node) + "/ws")
+    assert status == 426 and "WebSocket" in body
+
+
+async def test_upgrades_elsewhere_are_404(node: Node) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"ws://127.0.0.1:{node.port}/socket?token={make_token()}"):
+            pass
+    assert refused.value.response.status_code == 404
+
+
+async def test_allowed_origins(start_node: NodeFactory) -> None:
+    node = await start_node(allowed_origins=("https://app.example",))
+    token = make_token()
+    with pytest.raises(InvalidStatus) as refused:
+        async with Client.connect(ws_url(node), token, origin="https://evil.example"):  # type: ignore[arg-type]
+            pass
+    assert refused.value.response.status_code == 403
+    async with Client.connect(ws_url(node), token, origin="https://app.example") as ok:  # type: ignore[arg-type]
+        assert ok.welcome is not None
+    async with Client.connect(ws_url(node), token) as no_origin:  # not a browser: allowed
+        assert no_origin.welcome is not None
+
+
+async def test_a_refused_handshake_is_plain_text_401(node: Node) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with Client.connect(ws_url(node), make_token(secret="a-wrong-secret-of-a-decent-length-0123456")):
+            pass
+    response = refused.value.response
+    assert response.status_code == 401
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert response.body.decode().count("\n") == 1
