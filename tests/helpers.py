@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,29 @@ class Client:
         await asyncio.wait_for(self.ws.wait_closed(), timeout)
         rcvd = self.ws.protocol.close_rcvd
         return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = WAIT, every: float = 0.02
+) -> None:
+    """Poll ``condition`` until true, failing after ``timeout``.
+
+    Only for state that no event exposes to a test (an HTTP probe, Redis's
+    own bookkeeping, another process's cleanup).
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            result = condition()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(every)
+
+
+async def http_status(url: str) -> int:
+    """The status of a GET, off the event loop."""
+    return (await asyncio.to_thread(http_get, url))[0]
 
 
 def free_port() -> int:

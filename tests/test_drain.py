@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.helpers import SECRET, Client, ServerProcess, http_get, make_token
+from tests.helpers import SECRET, Client, ServerProcess, eventually, http_status, make_token
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -23,14 +23,15 @@ async def test_drain_closes_clients_with_1012_spread_over_drain_seconds(
     async with contextlib.AsyncExitStack() as stack:
         connected = [await stack.enter_async_context(Client.connect(server.url, make_token()))
                      for _ in range(clients)]
-        assert (await asyncio.to_thread(http_get, server.http + "/readyz"))[0] == 200
+        async def ready_is(status: int) -> bool:
+            return await http_status(server.http + "/readyz") == status
+
+        assert await ready_is(200)
         started = time.monotonic()
         server.signal(signum)
 
         # /readyz turns 503 at once while HTTP keeps being served.
-        async with asyncio.timeout(1):
-            while (await asyncio.to_thread(http_get, server.http + "/readyz"))[0] != 503:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: ready_is(503), timeout=1, every=0.01)
         with pytest.raises(InvalidStatus) as refused:
             async with Client.connect(server.url, make_token()):
                 pass

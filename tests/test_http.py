@@ -9,7 +9,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import NodeFactory, http_url, ws_url
-from tests.helpers import Client, http_get, make_token
+from tests.helpers import Client, eventually, http_get, make_token
 from wsbroker.server import Node
 
 
@@ -45,10 +45,11 @@ async def test_disconnects_are_counted_by_code(node: Node) -> None:
     async with Client.connect(ws_url(node), make_token()) as client:
         await client.ws.send(b"binary")
         assert (await client.closed())[0] == 1003
-    async with asyncio.timeout(5):
-        while 'wsbroker_disconnects_total{code="1003"} 1.0' not in (
-            await get(http_url(node) + "/metrics"))[2]:
-            await asyncio.sleep(0.02)  # the count lands when the server's handler ends
+    async def counted() -> bool:  # the count lands when the server's handler ends
+        return 'wsbroker_disconnects_total{code="1003"} 1.0' in (
+            await get(http_url(node) + "/metrics"))[2]
+
+    await eventually(counted)
 
 
 @pytest.mark.parametrize("path", ["/", "/nope", "/ws/extra", "/metrics/x", "/index.html"])
@@ -89,7 +90,8 @@ async def test_allowed_origins(start_node: NodeFactory) -> None:
 
 async def test_a_refused_handshake_is_plain_text_401(node: Node) -> None:
     with pytest.raises(InvalidStatus) as refused:
-        async with Client.connect(ws_url(node), make_token(secret="a-wrong-secret-of-a-decent-length-0123456")):
+        wrong = make_token(secret="a-wrong-secret-of-a-decent-length-0123456")
+        async with Client.connect(ws_url(node), wrong):
             pass
     response = refused.value.response
     assert response.status_code == 401

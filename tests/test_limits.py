@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import SECRET, WAIT, Client, ServerProcess, make_token
+from tests.helpers import SECRET, Client, ServerProcess, eventually, make_token
 from wsbroker.config import RateLimit
 from wsbroker.server import Node
 
@@ -97,9 +97,7 @@ async def test_max_connections_answers_503_at_the_handshake(start_node: NodeFact
             async with Client.connect(url, make_token()):
                 pass
         assert refused.value.response.status_code == 503
-    async with asyncio.timeout(WAIT):
-        while node.sessions:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: not node.sessions)
     async with Client.connect(url, make_token()) as again:
         assert again.welcome is not None
 
@@ -140,7 +138,7 @@ async def test_slow_consumer_is_cut_with_4009_and_others_get_everything(
             # this process's CPU with the publisher; the slow one is never waited for.
             for index in range(messages):
                 async with progress:
-                    await progress.wait_for(lambda: index - len(received) < 32)
+                    await progress.wait_for(lambda i=index: i - len(received) < 32)
                 await publisher.send({"op": "publish", "channel": "firehose",
                                       "data": {"i": index, "blob": blob}})
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import orjson
 import pytest
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import Client, make_token
+from tests.helpers import Client, eventually, make_token
 from wsbroker.server import Node
 
 
@@ -175,9 +174,7 @@ async def test_subscriptions_are_released_when_a_client_disconnects(node: Node) 
         await client.subscribe("a")
         await client.subscribe("b")
         assert node.hub.subscription_count == 2
-    async with asyncio.timeout(5):
-        while node.hub.subscription_count or node.sessions:
-            await asyncio.sleep(0.01)  # no event exposes the server's cleanup
+    await eventually(lambda: not node.hub.subscription_count and not node.sessions)
     assert node.hub.channel_count == 0
 
 
