@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 from wsbroker import http
 from wsbroker.auth import AuthError, Identity, Verifier
 from wsbroker.backplane import Backplane, create_backplane
+from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
 from wsbroker.hub import Hub
 from wsbroker.metrics import CONTENT_TYPE, Metrics
@@ -44,7 +45,7 @@ class Node:
         self.hub = Hub(self.backplane, self.metrics)
         self.verifier = Verifier(settings)
         self.services = NodeServices(
-            settings, self.hub, self.backplane, self.verifier, self.metrics
+            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler()
         )
         self.sessions: set[Session] = set()
         self.draining = False
