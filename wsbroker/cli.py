@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -71,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
             serve.add_argument(f"--{option.name}", dest=option.dest, default=None,
                                metavar=option.dest.split("_")[-1].upper(), help=help_text)
     serve.add_argument("--worker-of", dest="worker_of", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--metrics-dir", dest="metrics_dir", default=None, help=argparse.SUPPRESS)
     serve.set_defaults(run=_run_serve)
 
     token = commands.add_parser("token", help="mint a token for testing or for a backend",
@@ -144,7 +146,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from wsbroker.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    return _run_loop(_serve(settings))
+    return _run_loop(_serve(settings, args.metrics_dir))
 
 
 def _run_loop(coroutine: Any) -> int:
@@ -157,11 +159,11 @@ def _run_loop(coroutine: Any) -> int:
         return int(runner.run(coroutine))
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, metrics_dir: str | None = None) -> int:
     from wsbroker.server import Node
 
     try:
-        node = Node(settings)
+        node = Node(settings, metrics_dir=metrics_dir)
         await node.start()
     except (OSError, ValueError) as exc:
         print(f"wsbroker: cannot start: {exc}", file=sys.stderr)
@@ -190,22 +192,31 @@ def _print_dev_banner(settings: Settings, port: int) -> None:
 
 
 def _run_workers(settings: Settings, serve_argv: list[str]) -> int:
-    """Start N SO_REUSEPORT worker processes and forward SIGTERM/SIGINT to them."""
+    """Start N SO_REUSEPORT worker processes and forward SIGTERM/SIGINT to them.
+
+    Workers share one metrics directory (prometheus-client multiprocess mode), so
+    whichever worker answers a scrape reports the whole node.
+    """
     argv = _without_flag(serve_argv, "--node-id")
-    children = [
-        subprocess.Popen([sys.executable, "-m", "wsbroker", "serve", *argv,
-                          "--worker-of", f"{settings.node_id}-{index}"])
-        for index in range(1, settings.workers + 1)
-    ]
+    with tempfile.TemporaryDirectory(prefix="wsbroker-metrics-") as metrics_dir:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", "wsbroker", "serve", *argv,
+                 "--worker-of", f"{settings.node_id}-{index}", "--metrics-dir", metrics_dir],
+                env=env,
+            )
+            for index in range(1, settings.workers + 1)
+        ]
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        def forward(signum: int, _frame: object) -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes = [child.wait() for child in children]
     return 0 if all(code == 0 for code in codes) else EXIT_FAILED
 
 

@@ -87,6 +87,7 @@ class Hub:
         if state is None:
             task = asyncio.ensure_future(self._backplane.subscribe(channel))
             state = self._channels[channel] = _Channel(task)
+            self._metrics.channels.set(len(self._channels))
         state.joining += 1
         try:
             await asyncio.shield(state.ready)
@@ -99,6 +100,7 @@ class Hub:
         if subscriber not in state.subscribers:
             state.subscribers[subscriber] = None
             self._subscription_count += 1
+            self._metrics.subscriptions.set(self._subscription_count)
 
     async def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         """Remove ``subscriber``; the last one out releases the backplane subscription."""
@@ -107,6 +109,7 @@ class Hub:
             return
         del state.subscribers[subscriber]
         self._subscription_count -= 1
+        self._metrics.subscriptions.set(self._subscription_count)
         if self._forget_if_idle(channel, state):
             await self._backplane.unsubscribe(channel)
 
@@ -115,6 +118,7 @@ class Hub:
         if state.subscribers or state.joining or self._channels.get(channel) is not state:
             return False
         del self._channels[channel]
+        self._metrics.channels.set(len(self._channels))
         return True
 
     def on_message(self, channel: str, payload: bytes) -> None:

@@ -2,13 +2,15 @@
 
 A registry per node (rather than the global default) lets tests run several
 nodes in one process and keeps ``/metrics`` to what this node measured.
-Gauges that mirror live state (connections, subscriptions, channels) are read
-at scrape time, so the hot path never updates them.
+
+With ``--workers N`` each worker is its own process behind one port, and a
+scrape lands on any of them; so workers run prometheus-client's multiprocess
+mode (``PROMETHEUS_MULTIPROC_DIR``, set by the parent) and every worker's
+``/metrics`` reports the sum over all live workers: counters and histograms
+add up, the live gauges are summed, ``backplane_up`` is the minimum.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +20,7 @@ from prometheus_client import (
     exposition,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = exposition.CONTENT_TYPE_LATEST
 
@@ -28,15 +31,17 @@ FANOUT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 
 class Metrics:
     """The node's instruments; ``render()`` is the body of ``/metrics``."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._multiprocess_dir = multiprocess_dir
         r = self.registry
         self.connections = Gauge("wsbroker_connections", "Open WebSocket connections.",
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livesum")
         self.subscriptions = Gauge("wsbroker_subscriptions",
-                                   "Client subscriptions on this node.", registry=r)
+                                   "Client subscriptions on this node.", registry=r,
+                                   multiprocess_mode="livesum")
         self.channels = Gauge("wsbroker_channels", "Channels with local subscribers.",
-                              registry=r)
+                              registry=r, multiprocess_mode="livesum")
         self.messages_received = Counter(
             "wsbroker_messages_received", "Messages received from the backplane.", registry=r)
         self.messages_delivered = Counter(
@@ -52,21 +57,14 @@ class Metrics:
             "wsbroker_backplane_reconnects", "Times the backplane came back after a loss.",
             registry=r)
         self.backplane_up = Gauge("wsbroker_backplane_up", "1 while the backplane is up.",
-                                  registry=r)
+                                  registry=r, multiprocess_mode="livemin")
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)
 
-    def observe_live(
-        self,
-        connections: Callable[[], float],
-        subscriptions: Callable[[], float],
-        channels: Callable[[], float],
-    ) -> None:
-        """Read the live-state gauges from the node at scrape time."""
-        self.connections.set_function(connections)
-        self.subscriptions.set_function(subscriptions)
-        self.channels.set_function(channels)
-
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

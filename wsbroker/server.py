@@ -38,9 +38,14 @@ CLOSE_TIMEOUT = 5.0
 class Node:
     """One wsbroker node. Use ``async with Node(settings) as node`` or start/drain."""
 
-    def __init__(self, settings: Settings, backplane: Backplane | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backplane: Backplane | None = None,
+        metrics_dir: str | None = None,
+    ) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self.backplane = backplane if backplane is not None else create_backplane(settings)
         self.hub = Hub(self.backplane, self.metrics)
         self.verifier = Verifier(settings)
@@ -54,11 +59,6 @@ class Node:
         self._trusted_proxies = _parse_networks(settings.trusted_proxies)
         self._backplane_seen_down = False
         self._server: Server | None = None
-        self.metrics.observe_live(
-            lambda: len(self._admitted),
-            lambda: self.hub.subscription_count,
-            lambda: self.hub.channel_count,
-        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -199,6 +199,7 @@ class Node:
                 return http.text(401, str(exc))
             self._handshake_identity[connection] = identity
         self._admitted.add(connection)
+        self.metrics.connections.set(len(self._admitted))
         connection.connection_lost_waiter.add_done_callback(
             lambda _: self._forget(connection)
         )
@@ -206,6 +207,7 @@ class Node:
 
     def _forget(self, connection: ServerConnection) -> None:
         self._admitted.discard(connection)
+        self.metrics.connections.set(len(self._admitted))
         self._handshake_identity.pop(connection, None)
 
     async def _serve_connection(self, connection: ServerConnection) -> None:

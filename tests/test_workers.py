@@ -1,0 +1,97 @@
+"""``--workers N``: SO_REUSEPORT processes behind one port (SPEC §10, issue 3),
+and the ``publish`` / ``listen`` commands against a Redis-backed fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from tests.helpers import SECRET, Client, ServerProcess, eventually, http_get, make_token
+from tests.redis_server import RedisServer
+
+CLIENTS = 24
+
+
+def gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.M)
+    assert match is not None, name
+    return float(match[1])
+
+
+async def test_two_workers_share_the_port_and_the_channel_space(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess]
+) -> None:
+    server = server_process("--workers", "2", "--redis-url", redis_server.url,
+                            "--jwt-secret", SECRET, "--node-id", "wk", "--drain-seconds", "1")
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client.connect(server.url, make_token()))
+                   for _ in range(CLIENTS)]
+        nodes = {client.welcome["node"] for client in clients if client.welcome}
+        assert nodes == {"wk-1", "wk-2"}, "connections land on both workers"
+        for client in clients:
+            await client.subscribe("fleet.news")
+        async with aioredis.Redis.from_url(redis_server.url) as backend:
+            assert await backend.publish("ws:fleet.news", b'{"headline": "both"}') == 2
+        for client in clients:
+            assert (await client.next_message())["data"] == {"headline": "both"}
+
+        # Whichever worker answers the scrape, it reports the sum over both workers.
+        for _ in range(6):
+            metrics = (await asyncio.to_thread(http_get, server.http + "/metrics"))[2]
+            assert gauge(metrics, "wsbroker_connections") == CLIENTS
+            assert gauge(metrics, "wsbroker_subscriptions") == CLIENTS
+            assert gauge(metrics, "wsbroker_messages_delivered_total") == CLIENTS
+            assert gauge(metrics, "wsbroker_backplane_up") == 1
+
+        server.signal()
+        codes = await asyncio.gather(*(client.closed(timeout=10) for client in clients))
+        assert {code for code, _ in codes} == {1012}
+    assert await asyncio.to_thread(server.wait, 15) == 0
+
+
+def test_workers_without_redis_refuse_to_start() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsbroker", "serve", "--workers", "2", "--jwt-secret", SECRET],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--redis-url" in result.stderr
+
+
+async def test_publish_command_through_redis_reaches_listen_on_another_node(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess]
+) -> None:
+    first = server_process("--redis-url", redis_server.url, "--jwt-secret", SECRET)
+    second = server_process("--redis-url", redis_server.url, "--jwt-secret", SECRET)
+    listen = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsbroker", "listen", second.url, "orders.eu", "orders.us",
+        "--token", make_token(), "--count", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    # listen prints nothing until a message arrives: wait for its Redis subscriptions.
+    async with aioredis.Redis.from_url(redis_server.url) as backend:
+
+        async def listening() -> bool:
+            return bool((await backend.pubsub_numsub("ws:orders.us"))[0][1])
+
+        await eventually(listening, timeout=15)
+    for channel, body in (("orders.eu", '{"id": 1}'), ("orders.us", '{"id": 2}')):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "wsbroker", "publish", channel, body,
+             "--redis-url", redis_server.url],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+    stdout, stderr = await asyncio.wait_for(listen.communicate(), 20)
+    assert listen.returncode == 0, stderr
+    lines = stdout.decode().splitlines()
+    assert lines == ['{"type":"message","channel":"orders.eu","data":{"id":1}}',
+                     '{"type":"message","channel":"orders.us","data":{"id":2}}']
+    assert first.process is not None and first.process.poll() is None
