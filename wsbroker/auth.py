@@ -61,8 +61,11 @@ class JwksCache:
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
         key = self._lookup(kid)
-        if key is None and time.monotonic() - self._fetched_at >= JWKS_REFETCH_INTERVAL:
-            await self._refresh()
+        if key is None and (
+            self._inflight is not None
+            or time.monotonic() - self._fetched_at >= JWKS_REFETCH_INTERVAL
+        ):
+            await self._refresh()  # joins a fetch already under way
             key = self._lookup(kid)
         if key is None:
             raise AuthError("unknown_key", "token signed by an unknown key")

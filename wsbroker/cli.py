@@ -164,8 +164,12 @@ async def _serve(settings: Settings, metrics_dir: str | None = None) -> int:
 
     try:
         node = Node(settings, metrics_dir=metrics_dir)
+    except (OSError, ValueError) as exc:  # the key file or the key settings
+        print(f"wsbroker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         await node.start()
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # e.g. the port is taken
         print(f"wsbroker: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
     stop = asyncio.Event()
@@ -253,9 +257,12 @@ def _run_token(args: argparse.Namespace) -> int:
             claims[claim] = value
     ttl = parse_duration(args.ttl)
     if private_key_file:
-        with open(private_key_file, "rb") as pem:
-            key: Any = pem.read()
-        algorithm = args.algorithm or _algorithm_for_private_key(key)
+        try:
+            with open(private_key_file, "rb") as pem:
+                key: Any = pem.read()
+            algorithm = args.algorithm or _algorithm_for_private_key(key)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"token: cannot use {private_key_file}: {exc}") from None
     elif secret:
         key, algorithm = secret, args.algorithm or "HS256"
     else:

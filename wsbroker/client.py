@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import orjson
 import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 
 class ClientError(Exception):
@@ -86,6 +86,8 @@ class _connect:
             raise ClientError(
                 f"refused by {self._url}: HTTP {exc.response.status_code}: {reason}"
             ) from None
+        except InvalidHandshake as exc:
+            raise ClientError(f"{self._url} did not answer as a WebSocket server: {exc}") from None
         except ConnectionClosed as exc:
             raise ClientError(f"connection closed by the server: {_closed(exc)}") from None
         except (OSError, TimeoutError) as exc:
