@@ -1,6 +1,18 @@
 """wsbroker: a real-time WebSocket pub/sub server with a Redis backplane."""
 
-from wsbroker.client import publish
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["publish"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the commands that never publish (token, serve)
+    # should not pay for importing the Redis client.
+    if name == "publish":
+        from wsbroker.client import publish
+
+        return publish
+    raise AttributeError(f"module 'wsbroker' has no attribute {name!r}")

@@ -79,12 +79,12 @@ class JwksCache:
     async def _refresh(self) -> None:
         if self._inflight is None:
             self._inflight = asyncio.create_task(self._fetch())
-        task = self._inflight
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done() and self._inflight is task:
-                self._inflight = None
+            self._inflight.add_done_callback(self._fetched)
+        await asyncio.shield(self._inflight)
+
+    def _fetched(self, task: asyncio.Task[None]) -> None:
+        if self._inflight is task:
+            self._inflight = None
 
     async def _fetch(self) -> None:
         self._fetched_at = time.monotonic()

@@ -184,15 +184,18 @@ async def _serve(settings: Settings, metrics_dir: str | None = None) -> int:
 
 
 def _print_dev_banner(settings: Settings, port: int) -> None:
-    assert settings.jwt_secret is not None
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    demo = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}/"
+    print("wsbroker dev mode: demo page on, not for production", flush=True)
+    if settings.jwt_secret is None:  # a public key or JWKS: we cannot sign for it
+        print("token: none (sign one with your identity provider or "
+              "`wsbroker token --jwt-private-key FILE`)")
+        print(f"demo: {demo}#token=<token>", flush=True)
+        return
     token = _sign({"sub": "dev", "channels": [">"], "publish": [">"]}, settings.jwt_secret,
                   "HS256", ttl=24 * 3600)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    scheme = "https" if settings.tls_cert else "http"
-    print("wsbroker dev mode: generated or configured key, demo page on; not for production",
-          flush=True)
     print(f"token: {token}")
-    print(f"demo: {scheme}://{host}:{port}/#token={token}", flush=True)
+    print(f"demo: {demo}#token={token}", flush=True)
 
 
 def _run_workers(settings: Settings, serve_argv: list[str]) -> int:
@@ -308,6 +311,9 @@ def _run_publish(args: argparse.Namespace) -> int:
 
     coroutine: Coroutine[Any, Any, object]
     if redis_url:
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"--redis-url {redis_url!r} is not a redis://, rediss:// "
+                              "or unix:// URL")
         prefix = args.redis_prefix or _env("redis-prefix") or "ws:"
         coroutine = client.publish_redis(redis_url, prefix, args.channel, data)
     else:

@@ -15,6 +15,10 @@ import time
 import orjson
 
 _SECRETS = (
+    # websockets' debug lines show frame bodies, cut short: a cut token would
+    # not match the JWT pattern below, so frame bodies are never logged.
+    (re.compile(r"^([<>] (?:TEXT|BINARY|CONT)) .*?(\[\d+ bytes(?:, continued)?\])?$", re.S),
+     r"\1 [body redacted] \2"),
     # A JWT anywhere: three base64url parts, the first one a JSON header ("eyJ").
     (re.compile(r"eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.?[A-Za-z0-9_\-]*"), "[redacted-jwt]"),
     # Any token= parameter, whatever its value looks like.
