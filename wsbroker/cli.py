@@ -146,7 +146,35 @@ def _run_serve(args: argparse.Namespace) -> int:
     from wsbroker.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    _raise_open_file_limit(settings.max_connections)
     return _run_loop(_serve(settings, args.metrics_dir))
+
+
+def _raise_open_file_limit(max_connections: int) -> None:
+    """Each client is a file descriptor: take the hard limit, and say if it is low.
+
+    Container runtimes often start processes with a soft limit of 1,024, which
+    would cap a node near a thousand clients whatever its hardware.
+    """
+    import logging
+    import resource
+
+    log = logging.getLogger("wsbroker.cli")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    needed = max(max_connections, 4096) + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("open-file limit is %d: each client needs one, so this node cannot hold "
+                    "more than about %d clients; raise it (ulimit -n, LimitNOFILE, "
+                    "--ulimit nofile)", soft, soft - 64)
+    else:
+        log.debug("open-file limit: %s", soft)
 
 
 def _run_loop(coroutine: Any) -> int:

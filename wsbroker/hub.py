@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from wsbroker.backplane import Backplane
+from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
 from wsbroker.protocol import decode_payload, encode_message, text_frame
 
 log = logging.getLogger("wsbroker.hub")
-
-INVALID_PAYLOAD_LOG_INTERVAL = 10.0
-
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -66,8 +64,7 @@ class Hub:
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
-        self._invalid_payloads = 0
-        self._invalid_logged_at = -INVALID_PAYLOAD_LOG_INTERVAL
+        self._log_invalid = Throttled(log, logging.WARNING)
 
     @property
     def channel_count(self) -> int:
@@ -145,16 +142,10 @@ class Hub:
 
     def _drop_invalid(self, channel: str, error: ValueError) -> None:
         self._metrics.messages_dropped.labels("invalid_payload").inc()
-        self._invalid_payloads += 1
-        now = time.monotonic()
-        if now - self._invalid_logged_at >= INVALID_PAYLOAD_LOG_INTERVAL:
-            log.warning(
-                "dropped %d backplane payload(s) that are not JSON (latest on %r: %s); "
-                "publishers must send a JSON document or a wsb1 envelope",
-                self._invalid_payloads, channel, error,
-            )
-            self._invalid_payloads = 0
-            self._invalid_logged_at = now
+        self._log_invalid(
+            "dropped {count} backplane payload(s) that are not JSON (latest on %r: %s); "
+            "publishers must send a JSON document or a wsb1 envelope", channel, error,
+        )
 
     async def close(self) -> None:
         """Cancel backplane subscriptions still in flight (node shutdown)."""

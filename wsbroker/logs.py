@@ -61,6 +61,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class Throttled:
+    """A log line that repeats at most once per ``interval``, counting what it skipped.
+
+    For events a client or a publisher can cause at will (bad payloads, refused
+    handshakes): the operator learns they happen and how often, and a flood
+    cannot flood the log.
+    """
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._level = level
+        self._interval = interval
+        self._count = 0
+        self._logged_at = -interval
+
+    def __call__(self, message: str, *args: object) -> None:
+        """Log ``message`` % ``args`` with ``{count}`` events since the last line."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self._interval:
+            self._logger.log(self._level, message.replace("{count}", str(self._count)), *args)
+            self._count = 0
+            self._logged_at = now
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Send every log line to stderr (stdout is for what commands print)."""
     handler = logging.StreamHandler(sys.stderr)

@@ -25,6 +25,7 @@ from wsbroker.backplane import Backplane, create_backplane
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
 from wsbroker.hub import Hub
+from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
 from wsbroker.session import CLOSE_SERVICE_RESTART, NodeServices, Session
 
@@ -59,6 +60,7 @@ class Node:
         self._trusted_proxies = _parse_networks(settings.trusted_proxies)
         self._backplane_seen_down = False
         self._server: Server | None = None
+        self._log_refusal = Throttled(log, logging.INFO)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -180,6 +182,19 @@ class Node:
     async def _admit(
         self, connection: ServerConnection, request: Request, query: str
     ) -> Response | None:
+        response = await self._handshake_verdict(connection, request, query)
+        if response is not None:
+            self._log_refusal(
+                "refused {count} upgrade(s) in the last 10 s; latest: %d from %s: %s",
+                response.status_code, self.client_address(connection),
+                response.body.decode(errors="replace").strip(),
+            )
+        return response
+
+    async def _handshake_verdict(
+        self, connection: ServerConnection, request: Request, query: str
+    ) -> Response | None:
+        """None to upgrade, or the HTTP answer that refuses the upgrade."""
         settings = self.settings
         if self.draining:
             return http.text(503, "node is shutting down; connect again")
@@ -226,7 +241,7 @@ class Node:
         if self._trusted_proxies and request is not None and _in_networks(
             peer, self._trusted_proxies
         ):
-            forwarded = request.headers.get("X-Forwarded-For")
+            forwarded = ",".join(request.headers.get_all("X-Forwarded-For"))
             if forwarded:
                 # The nearest hop not ours is the client: walk from the right.
                 for hop in reversed([part.strip() for part in forwarded.split(",")]):
