@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import os
 import secrets
 import signal
@@ -200,6 +201,10 @@ async def _serve(settings: Settings, metrics_dir: str | None = None) -> int:
     except OSError as exc:  # e.g. the port is taken
         print(f"wsbroker: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    # Everything alive now (modules, settings, the server) lives as long as the
+    # process: move it out of the collector's sight, so full collections, which
+    # pause every fan-out, scan only what connections create.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -79,8 +79,9 @@ class Session:
         self.channels: set[str] = set()
         self._limiter = OpLimiter(node.settings.rate_limit)
         self._cut = False
-        self._queue: list[bytes] | None = None
+        self._queue: list[bytes] = []
         self._queued = 0
+        self._flush_scheduled = False
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
 
@@ -90,41 +91,46 @@ class Session:
         """Queue one frame without awaiting; cut the client if it is too far behind.
 
         Frames queued in one loop turn leave in one write (see batching.py).
-        The slow-consumer check is O(1): bytes the transport holds plus bytes
-        queued this turn, compared once per frame, with no timer per client.
+        The client is checked once per turn, at its first frame: closing, or
+        more than ``--max-send-buffer`` bytes unsent (an O(1) read of the
+        transport's buffer size, with no timer per client). The queue list is
+        reused, so a delivery allocates nothing for the garbage collector.
         """
-        if self._cut or self._ws.state is not State.OPEN:
-            return False
-        if self._transport.get_write_buffer_size() + self._queued > self._max_send_buffer:
-            self._cut_slow_consumer()
-            return False
-        if self._compressed:  # per-connection deflate context: frame it now
-            self._ws.send_text(message.payload)
-            self._connection.send_data()
-            return True
         queue = self._queue
-        if queue is None:
-            queue = self._queue = []
-            self._node.flusher.schedule(self)
+        if not queue:
+            if self._cut or self._ws.state is not State.OPEN:
+                return False
+            if self._transport.get_write_buffer_size() > self._max_send_buffer:
+                self._cut_slow_consumer()
+                return False
+            if self._compressed:  # a per-connection deflate context: frame it now
+                self._ws.send_text(message.payload)
+                self._connection.send_data()
+                return True
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._node.flusher.schedule(self)
         queue.append(message.wire)
         self._queued += len(message.wire)
         if self._queued >= EARLY_FLUSH_BYTES:  # a big burst: let the kernel take it now
-            self._write(queue)
-            self._queue, self._queued = [], 0
+            self._write_queue()
         return True
 
     def flush(self) -> None:
         """Write the frames queued this turn in one system call."""
-        queue, self._queue, self._queued = self._queue, None, 0
-        if queue:
-            self._write(queue)
+        self._flush_scheduled = False
+        if self._queue:
+            self._write_queue()
 
-    def _write(self, frames: list[bytes]) -> None:
+    def _write_queue(self) -> None:
+        queue = self._queue
         if self._ws.state is State.OPEN:
-            if len(frames) == 1:
-                self._transport.write(frames[0])
+            if len(queue) == 1:
+                self._transport.write(queue[0])
             else:
-                self._transport.writelines(frames)
+                self._transport.writelines(queue)
+        queue.clear()
+        self._queued = 0
 
     def send(self, payload: bytes) -> None:
         self.deliver(Outgoing.of(payload))
