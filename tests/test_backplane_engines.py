@@ -1,9 +1,11 @@
-"""One behavioural suite for every backplane engine (memory and Redis).
+"""One behavioural suite for every backplane engine (memory, Redis, Redis Cluster).
 
 The engines are driven directly, without WebSockets: what the hub relies on
 (base.py) must hold for both. Redis-only behaviour (several nodes, Redis
 subscriptions, outages) runs against a real ``redis-server`` process that is
-SIGKILLed and restarted where the test needs it. Every wait is bounded.
+SIGKILLed and restarted where the test needs it; the cluster engine runs the
+shared tests against a real three-master cluster (its own failure paths are in
+tests/test_cluster.py). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
+from tests.redis_cluster import LocalCluster, start_local_cluster
 from tests.redis_server import RedisServer, numsub, redis_cli, start_redis_server
 from wsbroker.backplane import Backplane, BackplaneUnavailable
+from wsbroker.backplane.cluster import ClusterBackplane
 from wsbroker.backplane.memory import MemoryBackplane
 from wsbroker.backplane.redis import RedisBackplane, backoff_delay, redact_url
 from wsbroker.config import Settings
@@ -71,6 +75,8 @@ class Node:
     others: list[Backplane] = field(default_factory=list)
 
     def require_redis(self) -> RedisServer:
+        if self.kind == "cluster":
+            pytest.skip("single-Redis behaviour; the cluster engine's is in test_cluster.py")
         if self.server is None:
             pytest.skip("the in-process engine is one node with no Redis, by design")
         return self.server
@@ -108,7 +114,16 @@ def redis_proc() -> Iterator[RedisServer]:
         server.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def cluster_proc() -> Iterator[LocalCluster]:
+    cluster = start_local_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
     if request.param == "memory":
         rec = Recorder()
@@ -116,6 +131,14 @@ async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
         memory.bind(rec.on_message, rec.on_state)
         await memory.start()
         this = Node("memory", memory, rec)
+    elif request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("cluster_proc")
+        engine_c = ClusterBackplane(Settings(redis_url=cluster.url, redis_cluster=True,
+                                             redis_prefix=PREFIX, node_id="test"))
+        rec = Recorder()
+        engine_c.bind(rec.on_message, rec.on_state)
+        await engine_c.start()
+        this = Node("cluster", engine_c, rec)
     else:
         server: RedisServer = request.getfixturevalue("redis_proc")
         engine, rec = await start_redis_engine(server)
@@ -430,7 +453,7 @@ def test_backoff_doubles_from_100ms_to_a_5s_cap_with_jitter() -> None:
 
 
 def test_cluster_mode_is_refused_clearly() -> None:
-    with pytest.raises(NotImplementedError, match="redis-cluster"):
+    with pytest.raises(ValueError, match="redis-cluster"):
         RedisBackplane(Settings(redis_url="redis://127.0.0.1:1", redis_cluster=True))
 
 

@@ -24,7 +24,14 @@ import jwt
 import orjson
 
 from wsbroker.channels import InvalidPattern, PatternSet, is_valid_channel
-from wsbroker.config import OPTIONS, ConfigError, Settings, load_settings, parse_duration
+from wsbroker.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_bool,
+    parse_duration,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -101,6 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     publish.add_argument("json", help="the message: any JSON document")
     publish.add_argument("--redis-url", default=None, help="[WSB_REDIS_URL]")
     publish.add_argument("--redis-prefix", default=None, help="[WSB_REDIS_PREFIX, default ws:]")
+    publish.add_argument("--redis-cluster", action="store_true", default=None,
+                         help="the URL names a Redis Cluster node: SPUBLISH [WSB_REDIS_CLUSTER]")
     publish.add_argument("--history", action="append", default=None, help=argparse.SUPPRESS)
     publish.add_argument("--url", default=None,
                          help="node WebSocket URL when there is no Redis "
@@ -348,7 +357,8 @@ def _run_publish(args: argparse.Namespace) -> int:
             raise ConfigError(f"--redis-url {redis_url!r} is not a redis://, rediss:// "
                               "or unix:// URL")
         prefix = args.redis_prefix or _env("redis-prefix") or "ws:"
-        coroutine = client.publish_redis(redis_url, prefix, args.channel, data)
+        cluster = args.redis_cluster or parse_bool(_env("redis-cluster") or "false")
+        coroutine = client.publish_redis(redis_url, prefix, args.channel, data, cluster=cluster)
     else:
         url = args.url or _env("url") or "ws://127.0.0.1:8765/ws"
         token = args.token or _env("token")

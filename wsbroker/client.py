@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
@@ -19,17 +21,25 @@ class ClientError(Exception):
     """The command could not do its job; the message says why, for a human."""
 
 
-async def publish(redis_url: str, channel: str, data: object, prefix: str = "ws:") -> int:
-    """Publish ``data`` (any JSON value) to ``channel`` through Redis; returns the number
-    of nodes that received it."""
-    return await publish_redis(redis_url, prefix, channel, orjson.dumps(data))
+async def publish(
+    redis_url: str, channel: str, data: object, prefix: str = "ws:", *, cluster: bool = False
+) -> int:
+    """Publish ``data`` (any JSON value) to ``channel`` through Redis; returns how many
+    node connections received it. ``cluster=True`` uses SPUBLISH on a Redis Cluster."""
+    return await publish_redis(redis_url, prefix, channel, orjson.dumps(data), cluster=cluster)
 
 
-async def publish_redis(redis_url: str, prefix: str, channel: str, data: bytes) -> int:
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+async def publish_redis(
+    redis_url: str, prefix: str, channel: str, data: bytes, *, cluster: bool = False
+) -> int:
+    options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    client = (redis.RedisCluster if cluster else redis.Redis).from_url(redis_url, **options)
     try:
-        receivers: int = await client.publish(prefix + channel, data)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if isinstance(client, redis.RedisCluster):
+            receivers: int = await client.spublish(prefix + channel, data)
+        else:
+            receivers = await client.publish(prefix + channel, data)
+    except RedisError as exc:
         raise ClientError(f"cannot reach Redis at {redis_url}: {exc}") from None
     finally:
         await client.aclose()

@@ -7,7 +7,11 @@ from wsbroker.config import Settings
 
 
 def create_backplane(settings: Settings) -> Backplane:
-    """The engine the settings ask for: Redis when a URL is set, else in-process."""
+    """The engine the settings ask for: Redis (or Redis Cluster) when a URL is set."""
+    if settings.redis_url and settings.redis_cluster:
+        from wsbroker.backplane.cluster import ClusterBackplane
+
+        return ClusterBackplane(settings)
     if settings.redis_url:
         from wsbroker.backplane.redis import RedisBackplane
 

@@ -128,7 +128,7 @@ class RedisBackplane(Backplane):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         if settings.redis_cluster:
-            raise NotImplementedError("--redis-cluster is not implemented yet")
+            raise ValueError("with --redis-cluster, use ClusterBackplane (create_backplane)")
         if not settings.redis_url:
             raise ValueError("the Redis backplane needs --redis-url")
         self._url = settings.redis_url

@@ -1,0 +1,817 @@
+"""The Redis Cluster engine: sharded pub/sub, channel ``C`` is ``SSUBSCRIBE <prefix>C``.
+
+Redis 7 routes a sharded channel to the master owning its hash slot, so the
+backplane's traffic spreads over the shards instead of being broadcast to every
+node of the cluster as classic PUBLISH is. Backends publish with
+``SPUBLISH <prefix>C <payload>`` through any cluster client (it follows MOVED).
+
+Why not redis-py's ``ClusterPubSub``: it is a polling API (``get_sharded_message``
+round-robins over per-node connections with a timeout), ``ssubscribe`` returns
+before Redis confirms, and its per-node connections reconnect and re-subscribe
+behind the caller's back with redis-py's retry policy. We need the opposite on
+every point (base.py): a confirmed subscribe, messages handed over straight from
+the reader, our own backoff and our own view of what is up. So this engine
+mirrors redis.py, once per shard:
+
+* **Topology**: the slot → master map comes from ``CLUSTER SLOTS``, asked of a
+  connected master first, then the URL's node, then the others. One keeper task
+  refreshes it (with the shared backoff when no node answers) whenever something
+  says it moved: a MOVED reply, a ``sunsubscribe`` pushed by Redis, a shard that
+  cannot be reached.
+* **One subscriber link per master**, opened eagerly for every master in the
+  map (health is a property of the cluster, not of which channels happen to be
+  subscribed; the number of links is bounded by the masters). Each link is
+  redis.py's design: RESP2, no read timeout, one reader task, a FIFO of the
+  replies it expects, a PING watchdog, reconnect with backoff (100 ms doubling
+  to 5 s, jitter) and re-subscribe of that shard's channels. Shards fail and
+  recover independently.
+* **Publishing**: ``SPUBLISH`` on a small pool per master (3 s timeout, no
+  redis-py retries), routed by our slot map; a MOVED reply updates the map and
+  is followed (at most twice).
+* **Slot migration and failover**: when a slot's owner changes, the old owner
+  drops our subscriptions itself and pushes ``sunsubscribe`` for each; we
+  refresh the map (asking that node first: it knows) and SSUBSCRIBE those
+  channels on the new owner. A map that still names the old owner is taken as
+  gossip lag and asked again with backoff a few times before it is trusted.
+  Masters that leave the map (demoted, removed) have their link closed.
+  Messages published during the switch are not replayed (as after any
+  reconnect).
+
+``is_up``: True while the slot map is known and the subscriber link to every
+master is connected. One shard down makes the engine report down (``/readyz``
+503, as for a lost single Redis), but the engine stays partially useful:
+``subscribe`` and ``publish`` fail with :class:`BackplaneUnavailable` only for
+channels whose slot lives on a shard that is down; channels on the other shards
+keep working and keep delivering. ``unsubscribe`` never fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import MovedError, RedisError, ResponseError
+
+from wsbroker.backplane.base import Backplane, BackplaneUnavailable
+from wsbroker.backplane.redis import (
+    CONFIRM_TIMEOUT,
+    CONNECT_TIMEOUT,
+    PUBLISH_TIMEOUT,
+    RESUBSCRIBE_CHUNK,
+    SETUP_TIMEOUT,
+    YIELD_EVERY,
+    backoff_delay,
+    redact_url,
+)
+from wsbroker.config import Settings
+
+log = logging.getLogger("wsbroker.backplane.cluster")
+
+MAX_REDIRECTS = 2
+"""MOVED replies followed per subscribe or publish before giving up."""
+
+REFRESH_SPACING = 0.05
+"""Least seconds between two slot-map refreshes (a burst of MOVED asks once)."""
+
+TRUST_MAP_AFTER = 4
+"""Refreshes (with backoff) during which a map that still gives a dropped channel
+to the shard that dropped it is taken as stale gossip, before we trust it."""
+
+_SSUBSCRIBE = b"ssubscribe"
+_SUNSUBSCRIBE = b"sunsubscribe"
+_SMESSAGE = b"smessage"
+_PONG = b"pong"
+
+
+@dataclass(slots=True)
+class _Expect:
+    """One reply a link's reader expects; ``future`` gets None, or the error reply."""
+
+    kind: bytes
+    channel: bytes | None
+    future: asyncio.Future[Exception | None] | None = None
+    reroute: bool = False
+    """Written by the engine itself (re-subscribe, migration): on MOVED, re-route."""
+
+
+@dataclass(slots=True, eq=False)
+class _Link:
+    """One subscriber connection to one master, and everything that dies with it."""
+
+    conn: AbstractConnection
+    fifo: deque[_Expect] = field(default_factory=deque)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    received: int = 0
+    dead: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Shard:
+    """One master: its publishing pool, its subscriber link and the task that keeps it."""
+
+    name: str
+    host: str
+    port: int
+    pub: Redis
+    link: _Link | None = None
+    up: bool = False
+    down: bool = False
+    """A connect attempt failed or the link was lost, and it is not back yet."""
+    task: asyncio.Task[None] | None = None
+    attempted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ClusterBackplane(Backplane):
+    """SSUBSCRIBE on one link per master, SPUBLISH to the slot's owner."""
+
+    ping_interval: float = 5.0
+    """Seconds of silence on a subscriber link before we PING it."""
+
+    ping_timeout: float = 3.0
+    """Seconds a PING may go unanswered before that shard is declared lost."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        if not settings.redis_url:
+            raise ValueError("the Redis Cluster backplane needs --redis-url")
+        self._url = settings.redis_url
+        self._prefix = settings.redis_prefix.encode()
+        name = re.sub(r"[^A-Za-z0-9._:-]", "_", settings.node_id) or "node"
+        common: dict[str, Any] = {
+            "decode_responses": False,
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),  # we retry, with our backoff, or fail fast
+            "health_check_interval": 0,
+        }
+        url_options: dict[str, Any] = dict(parse_url(self._url))
+        self._seed_host = str(url_options.pop("host", "127.0.0.1"))
+        url_options.pop("port", None)
+        url_options.pop("db", None)  # a cluster has database 0 only
+        self._sub_class: type[AbstractConnection] = url_options.pop("connection_class",
+                                                                     Connection)
+        self._sub_options: dict[str, Any] = {
+            **url_options, **common, "socket_timeout": None, "protocol": 2,
+            "client_name": f"wsbroker:{name}:sub", "socket_read_size": 256 * 1024,
+        }
+        self._pub_options: dict[str, Any] = {
+            **common, "socket_timeout": PUBLISH_TIMEOUT, "client_name": f"wsbroker:{name}:pub",
+        }
+        self._seed_pub: Redis = Redis.from_url(self._url, **self._pub_options)
+        # Wanted channels: prefixed Redis name → our name (the readers' lookup
+        # table), → the token of the subscribe call that added it, and → the
+        # shard it is (to be) subscribed on. Orphans were dropped by Redis (slot
+        # moved) or refused with MOVED, and wait for the keeper to re-route them.
+        self._names: dict[bytes, str] = {}
+        self._tokens: dict[bytes, int] = {}
+        self._owner: dict[bytes, _Shard] = {}
+        self._orphans: dict[bytes, _Shard] = {}  # → the shard that dropped or refused it
+        self._unresolved = 0  # keeper rounds in a row whose map still names that shard
+        self._counter = itertools.count(1)
+        self._shards: dict[str, _Shard] = {}
+        self._slots: list[str] | None = None  # slot → master name ("" = not covered)
+        self._masters: set[str] = set()
+        self._running = False
+        self._up = False
+        self._stale = asyncio.Event()
+        self._mapped_once = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+
+    # -- the Backplane interface -------------------------------------------
+
+    @property
+    def is_up(self) -> bool:
+        return self._up
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """The channels this engine holds (and re-subscribes after a reconnect)."""
+        return frozenset(self._names.values())
+
+    @property
+    def shards(self) -> dict[str, bool]:
+        """Each master (``host:port``) and whether its subscriber link is up."""
+        return {name: shard.up for name, shard in self._shards.items()}
+
+    async def start(self) -> None:
+        """Map the cluster and connect; returns after the first attempt even when down."""
+        if self._keeper is not None:
+            return
+        self._running = True
+        self._stale.set()
+        self._keeper = asyncio.create_task(self._keep_topology(), name="wsb-cluster-topology")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETUP_TIMEOUT + 1):
+                await self._mapped_once.wait()
+                for shard in list(self._shards.values()):
+                    await shard.attempted.wait()
+
+    async def stop(self) -> None:
+        self._running = False
+        self._up = False
+        keeper, self._keeper = self._keeper, None
+        tasks = [task for task in (keeper, *(s.task for s in self._shards.values()))
+                 if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for shard in self._shards.values():
+            await self._retire(shard)
+        self._shards.clear()
+        self._names.clear()
+        self._tokens.clear()
+        self._owner.clear()
+        self._orphans.clear()
+        self._slots = None
+        await self._seed_pub.aclose()
+
+    async def subscribe(self, channel: str) -> None:
+        self._require_map()
+        key = self._prefix + channel.encode()
+        token = next(self._counter)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                for redirects in itertools.count():
+                    shard = self._shard_for(key)
+                    link = shard.link
+                    if not shard.up or link is None:
+                        raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} "
+                                                   "is unavailable")
+                    future: asyncio.Future[Exception | None] = loop.create_future()
+                    async with link.lock:
+                        if link.dead:
+                            raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} "
+                                                       "is unavailable")
+                        self._names[key] = channel
+                        self._tokens[key] = token
+                        self._owner[key] = shard
+                        self._orphans.pop(key, None)
+                        await self._write(shard, link, [_Expect(_SSUBSCRIBE, key, future)],
+                                          b"SSUBSCRIBE", key)
+                    error = await future
+                    if error is None:
+                        return
+                    if isinstance(error, MovedError) and redirects < MAX_REDIRECTS:
+                        self._learn_moved(error, shard)
+                        continue
+                    raise BackplaneUnavailable(f"SSUBSCRIBE on Redis Cluster shard "
+                                               f"{shard.name} failed: {error}")
+        except BaseException as exc:
+            # The caller will not count this channel as subscribed: forget it
+            # (unless a later subscribe call owns it now). If Redis confirms it
+            # after all, the reader unsubscribes what nobody wants.
+            if self._tokens.get(key) == token:
+                self._forget(key)
+            if isinstance(exc, TimeoutError):
+                raise BackplaneUnavailable("Redis did not confirm the subscription") from None
+            raise
+
+    async def unsubscribe(self, channel: str) -> None:
+        key = self._prefix + channel.encode()
+        shard = self._owner.get(key)
+        self._forget(key)
+        link = shard.link if shard is not None else None
+        if shard is None or link is None:
+            return  # not subscribed, or that shard is down and holds nothing
+        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                async with link.lock:
+                    if link.dead or self._owner.get(key) is shard:
+                        return  # gone, or subscribed here again meanwhile
+                    await self._write(shard, link, [_Expect(_SUNSUBSCRIBE, key, future)],
+                                      b"SUNSUBSCRIBE", key)
+                await future
+        except (BackplaneUnavailable, TimeoutError):
+            # Never fails: if the link is dying the subscription dies with it.
+            log.debug("sunsubscribe %s not confirmed; the link is going away", channel)
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        self._require_map()
+        key = self._prefix + channel.encode()
+        for redirects in itertools.count():
+            shard = self._shard_for(key)
+            if shard.down:
+                raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable")
+            try:
+                await shard.pub.spublish(key, payload)
+                return
+            except MovedError as exc:
+                if redirects >= MAX_REDIRECTS:
+                    raise BackplaneUnavailable(f"Redis publish redirected too often: {exc}"
+                                               ) from exc
+                self._learn_moved(exc, shard)
+            except (RedisError, OSError) as exc:
+                link = shard.link
+                if link is not None:
+                    link.poke.set()  # check that shard's link now, not in 5 s
+                raise BackplaneUnavailable(f"Redis publish to {shard.name} failed: {exc}"
+                                           ) from exc
+
+    # -- topology ----------------------------------------------------------
+
+    def _require_map(self) -> None:
+        if not self._running or self._slots is None:
+            raise BackplaneUnavailable("the Redis Cluster is unavailable")
+
+    def _shard_for(self, key: bytes) -> _Shard:
+        """The master owning ``key``'s slot in our map (its link is kept by then)."""
+        if self._slots is None:
+            raise BackplaneUnavailable("the Redis Cluster is unavailable")
+        name = self._slots[key_slot(key)]
+        shard = self._shards.get(name) if name else None
+        if shard is None:
+            raise BackplaneUnavailable(f"no Redis Cluster master serves slot {key_slot(key)}")
+        return shard
+
+    def _shard(self, host: str, port: int) -> _Shard:
+        """The shard at ``host:port``, created (with its link supervisor) if new."""
+        name = f"{host}:{port}"
+        shard = self._shards.get(name)
+        if shard is None:
+            netloc = urlsplit(self._url).netloc.rpartition("@")
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            url = urlsplit(self._url)._replace(netloc=netloc[0] + netloc[1] + address,
+                                               path="").geturl()
+            shard = _Shard(name, host, port, Redis.from_url(url, **self._pub_options))
+            self._shards[name] = shard
+            if self._running:
+                shard.task = asyncio.create_task(self._supervise(shard),
+                                                 name=f"wsb-cluster-{name}")
+        return shard
+
+    def _learn_moved(self, error: MovedError, via: _Shard) -> None:
+        """Follow a MOVED reply now (one slot), and refresh the whole map soon."""
+        if self._running and self._slots is not None:
+            shard = self._shard(error.host or via.host, int(error.port))
+            self._slots[int(error.slot_id)] = shard.name
+        self._stale.set()
+
+    async def _keep_topology(self) -> None:
+        """Fetch the slot map whenever it is stale; re-route channels that moved."""
+        attempt = 0
+        failures = 0
+        while True:
+            await self._stale.wait()
+            self._stale.clear()
+            try:
+                ranges = await self._fetch_slots()
+            except BackplaneUnavailable as exc:
+                level = logging.WARNING if failures % 10 == 0 else logging.DEBUG
+                log.log(level, "cannot read the Redis Cluster slot map (seed %s): %s; "
+                        "retrying with backoff", redact_url(self._url), exc)
+                failures += 1
+                self._mapped_once.set()
+                self._stale.set()
+                await asyncio.sleep(backoff_delay(attempt))
+                attempt += 1
+                continue
+            first = self._slots is None
+            try:
+                self._install(ranges)
+                if first or failures:
+                    log.info("Redis Cluster at %s: %d masters", redact_url(self._url),
+                             len(self._masters))
+                failures = attempt = 0
+                self._mapped_once.set()
+                self._recompute_up()
+                unresolved = await self._reroute()
+                await self._retire_unused()
+            except Exception:
+                log.exception("re-routing channels after a slot-map change failed")
+                unresolved = 0
+            if unresolved:
+                self._stale.set()
+                await asyncio.sleep(backoff_delay(self._unresolved))
+            else:
+                await asyncio.sleep(REFRESH_SPACING)
+
+    async def _fetch_slots(self) -> list[tuple[int, int, str, int]]:
+        """``CLUSTER SLOTS`` from the first node that answers: connected masters first."""
+        # Who just told us something moved knows best; then connected masters.
+        witnesses = set(self._orphans.values())
+        shards = sorted(self._shards.values(), key=lambda s: s not in witnesses)
+        candidates = [(s.name, s.pub, s.host) for s in shards if s.up]
+        candidates.append(("seed", self._seed_pub, self._seed_host))
+        candidates += [(s.name, s.pub, s.host) for s in shards if not s.up]
+        problems: list[str] = []
+        for name, client, host in candidates:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT + PUBLISH_TIMEOUT):
+                    reply = await client.execute_command(  # type: ignore[no-untyped-call]
+                        "CLUSTER", "SLOTS")
+                ranges = [(int(entry[0]), int(entry[1]),
+                           (entry[2][0].decode() if isinstance(entry[2][0], bytes)
+                            else str(entry[2][0])) or host,
+                           int(entry[2][1]))
+                          for entry in reply]
+            except (RedisError, OSError, TimeoutError, ValueError, TypeError,
+                    IndexError) as exc:
+                problems.append(f"{name}: {str(exc) or type(exc).__name__}")
+                continue
+            if client is self._seed_pub:
+                # Only a fallback once mapped: do not keep a spare connection open.
+                await self._seed_pub.connection_pool.disconnect()
+            if ranges:
+                return ranges
+            problems.append(f"{name}: no slots assigned")
+        raise BackplaneUnavailable("; ".join(problems) or "no node to ask")
+
+    def _install(self, ranges: list[tuple[int, int, str, int]]) -> None:
+        """Adopt a slot map; open a link to every master in it (eagerly)."""
+        slots = [""] * REDIS_CLUSTER_HASH_SLOTS
+        masters: set[str] = set()
+        for start, end, host, port in ranges:
+            host = "127.0.0.1" if host == "?" else host
+            shard = self._shard(host, port)
+            masters.add(shard.name)
+            slots[start:end + 1] = [shard.name] * (end + 1 - start)
+        self._slots = slots
+        self._masters = masters
+
+    async def _reroute(self) -> int:
+        """Subscribe each wanted channel on its slot's current owner, if it moved.
+
+        Returns how many dropped channels the map still gives to the shard
+        that dropped them: the map came from a node that has not heard of the
+        change yet (gossip lag; a demoted master even accepts SSUBSCRIBE as a
+        replica), so the keeper asks again, and trusts the map after a few rounds
+        (the slot may really have come back).
+        """
+        moves: dict[_Shard, list[bytes]] = {}
+        unresolved = 0
+        for key, shard in list(self._owner.items()):
+            try:
+                owner = self._shard_for(key)
+            except BackplaneUnavailable:
+                continue  # slot not covered right now: keep it where it is
+            dropped_by = self._orphans.get(key)
+            if dropped_by is None and owner is shard:
+                continue
+            if owner is dropped_by and self._unresolved < TRUST_MAP_AFTER:
+                unresolved += 1
+                continue
+            if owner is not shard:
+                log.info("channel %s moved from shard %s to %s",
+                         self._names.get(key, key), shard.name, owner.name)
+                await self._drop_from(shard, key)
+            self._owner[key] = owner
+            self._orphans.pop(key, None)
+            moves.setdefault(owner, []).append(key)
+        self._unresolved = self._unresolved + 1 if unresolved else 0
+        for shard, keys in moves.items():
+            link = shard.link
+            if link is None:
+                continue  # its supervisor re-subscribes everything on connect
+            for start in range(0, len(keys), RESUBSCRIBE_CHUNK):
+                chunk = keys[start:start + RESUBSCRIBE_CHUNK]
+                with contextlib.suppress(BackplaneUnavailable):
+                    async with link.lock:
+                        if not link.dead:
+                            await self._write_many(shard, link, chunk, None)
+        self._recompute_up()
+        return unresolved
+
+    async def _drop_from(self, shard: _Shard, key: bytes) -> None:
+        """Best effort SUNSUBSCRIBE of ``key`` on a shard that no longer owns it."""
+        link = shard.link
+        if link is None or self._orphans.get(key) is shard:
+            return  # down (holds nothing), or Redis already dropped it
+        with contextlib.suppress(BackplaneUnavailable):
+            async with link.lock:
+                if not link.dead:
+                    await self._write(shard, link, [_Expect(_SUNSUBSCRIBE, key)],
+                                      b"SUNSUBSCRIBE", key)
+
+    async def _retire_unused(self) -> None:
+        """Close shards that left the map and hold nothing (a master removed)."""
+        held = set(self._owner.values())
+        for name, shard in list(self._shards.items()):
+            if name not in self._masters and shard not in held:
+                del self._shards[name]
+                log.info("Redis Cluster master %s left the slot map; link closed", name)
+                if shard.task is not None:
+                    shard.task.cancel()
+                    await asyncio.gather(shard.task, return_exceptions=True)
+                await self._retire(shard)
+        self._recompute_up()
+
+    async def _retire(self, shard: _Shard) -> None:
+        if shard.link is not None:
+            await self._close_link(shard, shard.link, "backplane stopped", notify=False)
+        shard.up = False
+        await shard.pub.aclose()
+
+    def _forget(self, key: bytes) -> None:
+        self._names.pop(key, None)
+        self._tokens.pop(key, None)
+        self._owner.pop(key, None)
+        self._orphans.pop(key, None)
+
+    # -- state ---------------------------------------------------------------
+
+    def _recompute_up(self) -> None:
+        """Up: the map is known and every master's link is connected."""
+        if not self._running:
+            return
+        up = (self._slots is not None and bool(self._masters)
+              and all(self._shards[name].up for name in self._masters
+                      if name in self._shards))
+        if up != self._up:
+            self._up = up
+            try:
+                self._on_state(up)
+            except Exception:
+                log.exception("the backplane state handler failed")
+
+    # -- one shard's link life cycle ----------------------------------------
+
+    async def _supervise(self, shard: _Shard) -> None:
+        """Connect, serve until the link is lost, back off, repeat."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        failures = 0
+        connected_before = False
+        while True:
+            try:
+                link = await self._open(shard)
+            except Exception as exc:
+                expected = isinstance(exc, RedisError | OSError | TimeoutError |
+                                      BackplaneUnavailable)
+                loud = failures % 10 == 0 or not expected
+                log.log(logging.WARNING if loud else logging.DEBUG,
+                        "cannot connect to Redis Cluster shard %s: %s; retrying with backoff",
+                        shard.name, str(exc) or type(exc).__name__, exc_info=not expected)
+                failures += 1
+                shard.down = True
+                shard.attempted.set()
+                self._stale.set()  # has its slots moved to another master (failover)?
+                await asyncio.sleep(backoff_delay(attempt))
+                attempt += 1
+                continue
+            since = loop.time()
+            log.log(logging.WARNING if failures else logging.INFO,
+                    "%s Redis Cluster shard %s after %d failed attempts; %d channels here",
+                    "reconnected to" if connected_before else "connected to", shard.name,
+                    failures, sum(1 for s in self._owner.values() if s is shard))
+            failures = 0
+            connected_before = True
+            shard.up = True
+            shard.down = False
+            self._recompute_up()
+            shard.attempted.set()
+            try:
+                await link.lost.wait()
+            finally:
+                await self._close_link(shard, link, "backplane stopped", notify=False)
+            if loop.time() - since >= 5.0:
+                attempt = 0  # it was a healthy connection: start the backoff afresh
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+
+    async def _open(self, shard: _Shard) -> _Link:
+        """A connected link to ``shard`` holding every wanted channel of its slots."""
+        options = {**self._sub_options, "host": shard.host, "port": shard.port}
+        link = _Link(self._sub_class(**options))
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT):
+                await link.conn.connect()  # type: ignore[no-untyped-call]
+                # From here subscribe/unsubscribe/re-route write on this link.
+                shard.link = link
+                link.tasks.append(asyncio.create_task(self._read(shard, link),
+                                                      name="wsb-cluster-read"))
+                link.tasks.append(asyncio.create_task(self._watch(shard, link),
+                                                      name="wsb-cluster-ping"))
+                await self._resubscribe(shard, link)
+        except BaseException:
+            await self._close_link(shard, link, "cannot set up the subscriber link",
+                                   notify=False)
+            raise
+        return link
+
+    async def _resubscribe(self, shard: _Shard, link: _Link) -> None:
+        """SSUBSCRIBE the shard's channels (one command each: one slot each), pipelined."""
+        # Not the channels this shard dropped: the keeper re-routes those.
+        keys = [key for key, owner in self._owner.items()
+                if owner is shard and self._orphans.get(key) is not shard]
+        futures: list[asyncio.Future[Exception | None]] = []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(keys), RESUBSCRIBE_CHUNK):
+            future: asyncio.Future[Exception | None] = loop.create_future()
+            futures.append(future)
+            async with link.lock:
+                await self._write_many(shard, link, keys[start:start + RESUBSCRIBE_CHUNK],
+                                       future)
+        for future in futures:
+            error = await future
+            # MOVED is handled by the reader (re-route); anything else is fatal.
+            if error is not None and not isinstance(error, MovedError):
+                raise BackplaneUnavailable(f"Redis refused SSUBSCRIBE: {error}")
+
+    async def _close_link(self, shard: _Shard, link: _Link, reason: str, *,
+                          notify: bool) -> None:
+        """Forget ``link``, stop its tasks and close its socket."""
+        self._lose(shard, link, reason, notify=notify)
+        current = asyncio.current_task()
+        tasks = [task for task in link.tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await link.conn.disconnect()
+
+    def _lose(self, shard: _Shard, link: _Link, reason: str, *, notify: bool = True) -> None:
+        """Mark ``link`` dead at once: fail its waiters, flip the state (synchronous)."""
+        if link.dead:
+            return
+        link.dead = True
+        if shard.link is link:
+            shard.link = None
+        error = ConnectionError(reason)
+        for expect in link.fifo:
+            if expect.future is not None and not expect.future.done():
+                expect.future.set_result(error)
+        link.fifo.clear()
+        link.lost.set()
+        if shard.up:
+            shard.up = False
+            shard.down = True
+            if notify:
+                log.warning("lost Redis Cluster shard %s (%s); its %d channels will be "
+                            "re-subscribed on reconnect; other shards are unaffected",
+                            shard.name, reason,
+                            sum(1 for s in self._owner.values() if s is shard))
+                self._recompute_up()
+
+    # -- the subscriber link -------------------------------------------------
+
+    async def _write(self, shard: _Shard, link: _Link, expected: list[_Expect],
+                     *args: bytes) -> None:
+        """Queue the replies ``args`` will get, then send it; hold ``link.lock``."""
+        await self._send(shard, link, expected, link.conn.pack_command(*args))
+
+    async def _write_many(self, shard: _Shard, link: _Link, keys: list[bytes],
+                          last: asyncio.Future[Exception | None] | None) -> None:
+        """Pipeline one SSUBSCRIBE per key (engine-initiated); ``last`` gets the last reply."""
+        expected = [_Expect(_SSUBSCRIBE, key, reroute=True) for key in keys]
+        if not expected:
+            if last is not None:
+                last.set_result(None)
+            return
+        expected[-1].future = last
+        pack = link.conn.pack_command
+        packed = [part for key in keys for part in pack(b"SSUBSCRIBE", key)]
+        await self._send(shard, link, expected, packed)
+
+    async def _send(self, shard: _Shard, link: _Link, expected: list[_Expect],
+                    packed: list[bytes]) -> None:
+        # Queuing and writing under one lock keeps the FIFO in wire order. The
+        # connection must not reconnect behind our back (redis-py would on a
+        # closed socket), so a closed one fails the link instead.
+        if link.dead or not link.conn.is_connected:
+            self._lose(shard, link, "the subscriber connection is closed")
+            raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable")
+        link.fifo.extend(expected)
+        try:
+            await link.conn.send_packed_command(packed, check_health=False)
+        except (RedisError, OSError) as exc:
+            self._lose(shard, link, f"write failed: {exc}")
+            raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable"
+                                       ) from exc
+
+    async def _read(self, shard: _Shard, link: _Link) -> None:
+        """Read every reply on one shard's link until it fails."""
+        conn = link.conn
+        names = self._names
+        on_message = self._on_message
+        batch = 0
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(
+                        timeout=math.inf, disconnect_on_error=False, push_request=True
+                    )
+                except ResponseError as exc:
+                    link.received += 1
+                    self._refused(shard, link, exc)
+                    continue
+                link.received += 1
+                if type(reply) is not bytes and reply[0] == _SMESSAGE:
+                    channel = names.get(reply[1])
+                    if channel is not None:
+                        try:
+                            on_message(channel, reply[2])
+                        except Exception:
+                            log.exception("the backplane message handler failed")
+                    batch += 1
+                    if batch >= YIELD_EVERY:
+                        batch = 0
+                        await asyncio.sleep(0)
+                else:
+                    await self._confirm(shard, link, reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lose(shard, link, f"read failed: {exc!r}")
+
+    async def _confirm(self, shard: _Shard, link: _Link, reply: Any) -> None:
+        """Match an (s)(un)subscribe or PING reply with the head of the FIFO."""
+        if isinstance(reply, bytes):  # PONG outside subscribed mode
+            kind, channel = (_PONG, None) if reply == b"PONG" else (reply, None)
+        else:
+            kind, channel = reply[0], reply[1]
+        head = link.fifo[0] if link.fifo else None
+        if kind == _SUNSUBSCRIBE and (head is None or head.kind != _SUNSUBSCRIBE
+                                      or head.channel != channel):
+            # Not asked for: the slot left this shard and Redis dropped us.
+            if isinstance(channel, bytes) and self._owner.get(channel) is shard:
+                log.info("Redis Cluster shard %s dropped channel %s (slot moved); "
+                         "re-routing", shard.name, self._names.get(channel, channel))
+                self._orphans[channel] = shard
+                self._stale.set()
+            return
+        if (head is None or head.kind != kind
+                or (kind != _PONG and head.channel != channel)):
+            raise ConnectionError(f"unexpected reply {reply!r} on the subscriber link")
+        link.fifo.popleft()
+        if head.future is not None and not head.future.done():
+            head.future.set_result(None)
+        if (kind == _SSUBSCRIBE and isinstance(channel, bytes)
+                and self._owner.get(channel) is not shard):
+            # Confirmed, but not wanted here (cancelled, unsubscribed, or moved
+            # elsewhere meanwhile): drop it.
+            async with link.lock:
+                if self._owner.get(channel) is not shard and not link.dead:
+                    await self._write(shard, link, [_Expect(_SUNSUBSCRIBE, channel)],
+                                      b"SUNSUBSCRIBE", channel)
+
+    def _refused(self, shard: _Shard, link: _Link, error: ResponseError) -> None:
+        """An error reply answers the command at the head of the FIFO.
+
+        One exception: when a slot moves while we SUNSUBSCRIBE one of its
+        channels, Redis's own ``sunsubscribe`` push can take our command's place
+        in the FIFO, and the MOVED that then answers our SUNSUBSCRIBE has no
+        entry left. A MOVED for another slot than the head's channel (or for a
+        head that is a PING, or no head) is that stray reply: skip it.
+        """
+        head = link.fifo[0] if link.fifo else None
+        if isinstance(error, MovedError) and (
+                head is None or head.channel is None
+                or key_slot(head.channel) != int(error.slot_id)):
+            log.debug("skipped a stray MOVED on shard %s: %s", shard.name, error)
+            return
+        if head is None:
+            raise ConnectionError(f"unexpected error reply {error!r}")
+        link.fifo.popleft()
+        if head.future is not None and not head.future.done():
+            head.future.set_result(error)
+        if (head.reroute and head.kind == _SSUBSCRIBE and isinstance(error, MovedError)
+                and head.channel is not None and self._owner.get(head.channel) is shard):
+            self._orphans[head.channel] = shard
+            self._learn_moved(error, shard)
+
+    async def _watch(self, shard: _Shard, link: _Link) -> None:
+        """PING the link when it has been quiet; no answer → that shard is lost."""
+        try:
+            while True:
+                seen = link.received
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.ping_interval):
+                        await link.poke.wait()
+                poked = link.poke.is_set()
+                link.poke.clear()
+                if link.received != seen and not poked:
+                    continue
+                pong: asyncio.Future[Exception | None] = asyncio.get_running_loop(
+                    ).create_future()
+                try:
+                    async with asyncio.timeout(self.ping_timeout):
+                        async with link.lock:
+                            await self._write(shard, link, [_Expect(_PONG, None, pong)],
+                                              b"PING")
+                        await pong
+                except TimeoutError:
+                    self._lose(shard, link, f"no reply to PING within {self.ping_timeout:g} s")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lose(shard, link, f"health check failed: {exc!r}")
