@@ -13,7 +13,7 @@ from tests.helpers import SECRET, ServerProcess
 from wsbroker.config import Settings
 from wsbroker.server import Node
 
-pytest_plugins = ["tests.redis_server"]
+pytest_plugins = ["tests.redis_server", "tests.redis_cluster"]
 
 NodeFactory = Callable[..., Awaitable[Node]]
 

@@ -14,117 +14,40 @@ module; a test that kills a shard must restart it and wait for ``ok``).
 
 from __future__ import annotations
 
-import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
-START_TIMEOUT = 10.0
+from tests.helpers import free_port
+from tests.redis_server import RedisServer, find_executable
+
 HEAL_TIMEOUT = 20.0
 NODE_TIMEOUT_MS = 2000
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _executable(name: str) -> str:
-    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists()
-                                   else None)
-    if found is None:
-        raise RuntimeError(f"{name} is not installed: the cluster tests need a real one")
-    return found
-
-
-class ClusterNode:
+class ClusterNode(RedisServer):
     """One ``redis-server --cluster-enabled yes`` process; restartable on the same port."""
 
     def __init__(self, executable: str, root: Path) -> None:
-        self.executable = executable
-        self.port = _free_port()
-        self.bus_port = _free_port()  # explicit: port + 10000 may be taken or > 65535
-        self.dir = root / f"node-{self.port}"
-        self.dir.mkdir()
-        self._proc: subprocess.Popen[bytes] | None = None
+        port = free_port()
+        directory = root / f"node-{port}"
+        directory.mkdir()
+        super().__init__(port=port, executable=executable, directory=directory)
+        self.bus_port = free_port()  # explicit: port + 10000 may be taken or > 65535
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> None:
-        """Start (or restart) and return once it answers PING."""
-        if self.running:
-            return
-        log = self.dir / "redis.log"
-        self._proc = subprocess.Popen(
-            [
-                self.executable,
-                "--port", str(self.port),
-                "--cluster-enabled", "yes",
-                "--cluster-port", str(self.bus_port),
-                "--cluster-config-file", f"nodes-{self.port}.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                "--save", "",
-                "--appendonly", "no",
-                "--repl-diskless-sync-delay", "0",  # a replica syncs at once
-                "--bind", "127.0.0.1",
-                "--protected-mode", "no",
-                "--dir", str(self.dir),
-                "--logfile", str(log),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                logged = log.read_text(errors="replace") if log.exists() else ""
-                self._proc = None
-                raise RuntimeError(f"redis-server (cluster) exited at start on port "
-                                   f"{self.port}: {err}{logged[-2000:]}")
-            try:
-                if self.command("PING"):
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        """SIGKILL: the shard vanishes without a goodbye, as in a crash."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-    def client(self) -> redis.Redis:
-        """A plain (non-cluster) synchronous client for this one node."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           socket_connect_timeout=1)
-
-    def command(self, *args: str | bytes | int) -> Any:
-        """Run one command on this node and return the raw reply."""
-        with self.client() as client:
-            return client.execute_command(*args)
+    def extra_args(self) -> list[str]:
+        return [
+            "--cluster-enabled", "yes",
+            "--cluster-port", str(self.bus_port),
+            "--cluster-config-file", f"nodes-{self.port}.conf",
+            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+            "--repl-diskless-sync-delay", "0",  # a replica syncs at once
+        ]
 
     def info(self) -> dict[str, str]:
         text = self.command("CLUSTER", "INFO")
@@ -136,8 +59,8 @@ class LocalCluster:
     """Three masters, no replicas, slots split evenly by ``redis-cli --cluster create``."""
 
     def __init__(self, masters: int = 3) -> None:
-        server = _executable("redis-server")
-        self.cli = _executable("redis-cli")
+        server = find_executable("redis-server")
+        self.cli = find_executable("redis-cli")
         self._root = tempfile.TemporaryDirectory(prefix="wsb-cluster-")
         self.nodes = [ClusterNode(server, Path(self._root.name)) for _ in range(masters)]
         self.replicas: list[ClusterNode] = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,31 +23,27 @@ from typing import Any
 import pytest
 import redis
 
+from tests.helpers import free_port
+
 START_TIMEOUT = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class RedisServer:
-    """One ``redis-server`` process on 127.0.0.1; restartable on the same port."""
+    """One ``redis-server`` process on 127.0.0.1; restartable on the same port.
 
-    def __init__(self, port: int | None = None, executable: str | None = None) -> None:
-        found = executable or shutil.which("redis-server") or (
-            "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-        )
-        if found is None:
-            raise RuntimeError(
-                "redis-server is not installed: the Redis tests need a real server "
-                "(apt-get install redis-server, or brew install redis)"
-            )
-        self.executable = found
-        self.port = port or _free_port()
-        self._dir = tempfile.TemporaryDirectory(prefix="wsb-redis-")
+    Subclasses add flags with :meth:`extra_args` (the cluster nodes do).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        executable: str | None = None,
+        directory: Path | None = None,
+    ) -> None:
+        self.executable = executable or find_executable("redis-server")
+        self.port = port or free_port()
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="wsb-redis-")
+        self.dir = directory or Path(self._tmp.name if self._tmp else ".")
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,11 +54,14 @@ class RedisServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def extra_args(self) -> list[str]:
+        return []
+
     def start(self) -> None:
         """Start (or restart) on ``self.port`` and return once it answers PING."""
         if self.running:
             return
-        log = Path(self._dir.name) / "redis.log"
+        log = self.dir / "redis.log"
         self._proc = subprocess.Popen(
             [
                 self.executable,
@@ -71,9 +69,10 @@ class RedisServer:
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
-                "--dir", self._dir.name,
+                "--dir", str(self.dir),
                 "--logfile", str(log),
                 "--protected-mode", "no",
+                *self.extra_args(),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -126,14 +125,21 @@ class RedisServer:
             proc.stderr.close()
 
     def close(self) -> None:
-        """Stop the server and remove its directory."""
+        """Stop the server and remove its directory (when it made one)."""
         self.kill()
-        self._dir.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A synchronous client for assertions (``PUBSUB NUMSUB``, ``CLIENT LIST``…)."""
         kwargs.setdefault("socket_timeout", 5)
+        kwargs.setdefault("socket_connect_timeout", 1)
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def command(self, *args: str | bytes | int) -> Any:
+        """Run one command on this server and return the raw reply."""
+        with self.client() as client:
+            return client.execute_command(*args)
 
     def __enter__(self) -> RedisServer:
         self.start()
@@ -143,10 +149,20 @@ class RedisServer:
         self.close()
 
 
+def find_executable(name: str) -> str:
+    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists()
+                                   else None)
+    if found is None:
+        raise RuntimeError(
+            f"{name} is not installed: the Redis tests need a real server "
+            "(apt-get install redis-server; scripts/test does it)"
+        )
+    return found
+
+
 def redis_cli(server: RedisServer, *args: str | bytes | int) -> Any:
     """Run one command on ``server`` synchronously and return the raw reply."""
-    with server.client() as client:
-        return client.execute_command(*args)
+    return server.command(*args)
 
 
 def numsub(server: RedisServer, *channels: str) -> dict[str, int]:

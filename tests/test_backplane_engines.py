@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.redis_cluster import LocalCluster, start_local_cluster
-from tests.redis_server import RedisServer, numsub, redis_cli, start_redis_server
+from tests.redis_cluster import LocalCluster
+from tests.redis_server import RedisServer, numsub, redis_cli
 from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.backplane.cluster import ClusterBackplane
 from wsbroker.backplane.memory import MemoryBackplane
@@ -105,24 +105,6 @@ def is_up(engine: Backplane) -> bool:
     return engine.is_up
 
 
-@pytest.fixture
-def redis_proc() -> Iterator[RedisServer]:
-    server = start_redis_server()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def cluster_proc() -> Iterator[LocalCluster]:
-    cluster = start_local_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
 @pytest.fixture(params=["memory", "redis", "cluster"])
 async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
     if request.param == "memory":
@@ -132,7 +114,7 @@ async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
         await memory.start()
         this = Node("memory", memory, rec)
     elif request.param == "cluster":
-        cluster: LocalCluster = request.getfixturevalue("cluster_proc")
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster_module")
         engine_c = ClusterBackplane(Settings(redis_url=cluster.url, redis_cluster=True,
                                              redis_prefix=PREFIX, node_id="test"))
         rec = Recorder()
@@ -140,7 +122,7 @@ async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
         await engine_c.start()
         this = Node("cluster", engine_c, rec)
     else:
-        server: RedisServer = request.getfixturevalue("redis_proc")
+        server: RedisServer = request.getfixturevalue("redis_server")
         engine, rec = await start_redis_engine(server)
         this = Node("redis", engine, rec, server)
     try:

@@ -35,13 +35,9 @@ PREFIX = "ws:"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def cluster(redis_cluster_module: LocalCluster) -> LocalCluster:
     """One cluster for the module; the tests that break it heal it before returning."""
-    local = start_local_cluster()
-    try:
-        yield local
-    finally:
-        local.close()
+    return redis_cluster_module
 
 
 @pytest.fixture
