@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.helpers import SECRET, ServerProcess
 from wsbroker.config import Settings
@@ -53,6 +55,20 @@ def ws_url(node: Node) -> str:
 
 def http_url(node: Node) -> str:
     return f"http://127.0.0.1:{node.port}"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A throwaway certificate authority for TLS tests."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A client TLS context that trusts :func:`ca`."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
 @pytest.fixture

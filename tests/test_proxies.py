@@ -152,18 +152,6 @@ def proxies() -> Iterator[list[Proxy]]:
         proxy.stop()
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def client_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 def https_get(url: str, context: ssl.SSLContext) -> int:
     try:
         with urllib.request.urlopen(url, timeout=WAIT, context=context) as response:

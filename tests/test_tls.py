@@ -30,18 +30,6 @@ from tests.test_deploy import dockerfile
 BOUND = 15.0
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def client_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 def https_get(url: str, context: ssl.SSLContext) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=WAIT, context=context) as response:
