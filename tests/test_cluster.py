@@ -458,13 +458,13 @@ async def test_a_slot_moving_during_sunsubscribe_does_not_desynchronise_the_link
     from redis.crc import key_slot
     from redis.exceptions import MovedError
 
-    from wsbroker.backplane.cluster import _SSUBSCRIBE, _SUNSUBSCRIBE, _Expect, _Link
+    from wsbroker.backplane.link import SHARDED, Expect, Link
 
     bare = ClusterBackplane(Settings(redis_url="redis://127.0.0.1:1", redis_cluster=True,
                                      redis_prefix=PREFIX))
     try:
         shard = bare._shard("127.0.0.1", 1)
-        link = _Link(Connection(host="127.0.0.1", port=1))
+        link = Link(Connection(host="127.0.0.1", port=1))
         k, x, w = b"ws:k", b"ws:x", b"ws:w"
         assert key_slot(k) != key_slot(x)
         loop = asyncio.get_running_loop()
@@ -472,21 +472,22 @@ async def test_a_slot_moving_during_sunsubscribe_does_not_desynchronise_the_link
         sub: asyncio.Future[Exception | None] = loop.create_future()
         bare._names[x] = "x"
         bare._owner[x] = shard
-        link.fifo.extend([_Expect(_SUNSUBSCRIBE, k, unsub), _Expect(_SSUBSCRIBE, x, sub)])
-        await bare._confirm(shard, link, [b"sunsubscribe", k, 1])
-        bare._refused(shard, link, MovedError(f"{key_slot(k)} 127.0.0.1:2"))
+        link.fifo.extend([Expect(SHARDED.unsubscribed, k, unsub),
+                          Expect(SHARDED.subscribed, x, sub)])
+        await shard.sub.confirm(link, [b"sunsubscribe", k, 1])
+        shard.sub.refused(link, MovedError(f"{key_slot(k)} 127.0.0.1:2"))
         assert unsub.result() is None and not sub.done()
-        await bare._confirm(shard, link, [b"ssubscribe", x, 1])
+        await shard.sub.confirm(link, [b"ssubscribe", x, 1])
         assert sub.result() is None and not link.fifo
         # A MOVED for the head's own slot is the head's answer.
         refused: asyncio.Future[Exception | None] = loop.create_future()
-        link.fifo.append(_Expect(_SSUBSCRIBE, x, refused))
-        bare._refused(shard, link, MovedError(f"{key_slot(x)} 127.0.0.1:2"))
+        link.fifo.append(Expect(SHARDED.subscribed, x, refused))
+        shard.sub.refused(link, MovedError(f"{key_slot(x)} 127.0.0.1:2"))
         assert isinstance(refused.result(), MovedError)
         # An unasked sunsubscribe of a wanted channel: Redis dropped it; re-route it.
         bare._names[w] = "w"
         bare._owner[w] = shard
-        await bare._confirm(shard, link, [b"sunsubscribe", w, 0])
+        await shard.sub.confirm(link, [b"sunsubscribe", w, 0])
         assert w in bare._orphans and bare._stale.is_set()
     finally:
         await bare.stop()

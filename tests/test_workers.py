@@ -18,6 +18,10 @@ from tests.redis_server import RedisServer
 CLIENTS = 24
 
 
+def nodes_of(clients: list[Client]) -> set[str]:
+    return {client.welcome["node"] for client in clients if client.welcome}
+
+
 def gauge(metrics: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", metrics, re.M)
     assert match is not None, name
@@ -30,10 +34,14 @@ async def test_two_workers_share_the_port_and_the_channel_space(
     server = server_process("--workers", "2", "--redis-url", redis_server.url,
                             "--jwt-secret", SECRET, "--node-id", "wk", "--drain-seconds", "1")
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(Client.connect(server.url, make_token()))
-                   for _ in range(CLIENTS)]
-        nodes = {client.welcome["node"] for client in clients if client.welcome}
-        assert nodes == {"wk-1", "wk-2"}, "connections land on both workers"
+        # /healthz answered means one worker listens; the other may still be
+        # starting, so connect until both have taken clients (bounded).
+        clients: list[Client] = []
+        async with asyncio.timeout(15):
+            while len(clients) < CLIENTS or len(nodes_of(clients)) < 2:
+                clients.append(await stack.enter_async_context(
+                    Client.connect(server.url, make_token())))
+        assert nodes_of(clients) == {"wk-1", "wk-2"}, "connections land on both workers"
         for client in clients:
             await client.subscribe("fleet.news")
         async with aioredis.Redis.from_url(redis_server.url) as backend:
@@ -44,9 +52,9 @@ async def test_two_workers_share_the_port_and_the_channel_space(
         # Whichever worker answers the scrape, it reports the sum over both workers.
         for _ in range(6):
             metrics = (await asyncio.to_thread(http_get, server.http + "/metrics"))[2]
-            assert gauge(metrics, "wsbroker_connections") == CLIENTS
-            assert gauge(metrics, "wsbroker_subscriptions") == CLIENTS
-            assert gauge(metrics, "wsbroker_messages_delivered_total") == CLIENTS
+            assert gauge(metrics, "wsbroker_connections") == len(clients)
+            assert gauge(metrics, "wsbroker_subscriptions") == len(clients)
+            assert gauge(metrics, "wsbroker_messages_delivered_total") == len(clients)
             assert gauge(metrics, "wsbroker_backplane_up") == 1
 
         server.signal()

@@ -11,7 +11,7 @@ before Redis confirms, and its per-node connections reconnect and re-subscribe
 behind the caller's back with redis-py's retry policy. We need the opposite on
 every point (base.py): a confirmed subscribe, messages handed over straight from
 the reader, our own backoff and our own view of what is up. So this engine
-mirrors redis.py, once per shard:
+uses the subscriber link it shares with redis.py (link.py), once per shard:
 
 * **Topology**: the slot → master map comes from ``CLUSTER SLOTS``, asked of a
   connected master first, then the URL's node, then the others. One keeper task
@@ -20,11 +20,12 @@ mirrors redis.py, once per shard:
   cannot be reached.
 * **One subscriber link per master**, opened eagerly for every master in the
   map (health is a property of the cluster, not of which channels happen to be
-  subscribed; the number of links is bounded by the masters). Each link is
-  redis.py's design: RESP2, no read timeout, one reader task, a FIFO of the
-  replies it expects, a PING watchdog, reconnect with backoff (100 ms doubling
-  to 5 s, jitter) and re-subscribe of that shard's channels. Shards fail and
-  recover independently.
+  subscribed; the number of links is bounded by the masters). Each link is a
+  :class:`~wsbroker.backplane.link.SubscriberLink` speaking sharded pub/sub:
+  RESP2, no read timeout, one reader task, a FIFO of the replies it expects, a
+  PING watchdog, reconnect with backoff (100 ms doubling to 5 s, jitter) and
+  re-subscribe of that shard's channels, one SSUBSCRIBE per channel (one slot
+  each, or Redis answers CROSSSLOT). Shards fail and recover independently.
 * **Publishing**: ``SPUBLISH`` on a small pool per master (3 s timeout, no
   redis-py retries), routed by our slot map; a MOVED reply updates the map and
   is followed (at most twice).
@@ -49,32 +50,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
-import math
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import MovedError, RedisError, ResponseError
+from redis.exceptions import MovedError, RedisError
 
 from wsbroker.backplane.base import Backplane, BackplaneUnavailable
-from wsbroker.backplane.redis import (
+from wsbroker.backplane.link import (
     CONFIRM_TIMEOUT,
     CONNECT_TIMEOUT,
     PUBLISH_TIMEOUT,
     RESUBSCRIBE_CHUNK,
     SETUP_TIMEOUT,
-    YIELD_EVERY,
+    SHARDED,
+    Hooks,
+    Link,
+    SubscriberLink,
     backoff_delay,
+    client_options,
     redact_url,
+    supervise,
 )
 from wsbroker.config import Settings
 
@@ -90,35 +93,6 @@ TRUST_MAP_AFTER = 4
 """Refreshes (with backoff) during which a map that still gives a dropped channel
 to the shard that dropped it is taken as stale gossip, before we trust it."""
 
-_SSUBSCRIBE = b"ssubscribe"
-_SUNSUBSCRIBE = b"sunsubscribe"
-_SMESSAGE = b"smessage"
-_PONG = b"pong"
-
-
-@dataclass(slots=True)
-class _Expect:
-    """One reply a link's reader expects; ``future`` gets None, or the error reply."""
-
-    kind: bytes
-    channel: bytes | None
-    future: asyncio.Future[Exception | None] | None = None
-    reroute: bool = False
-    """Written by the engine itself (re-subscribe, migration): on MOVED, re-route."""
-
-
-@dataclass(slots=True, eq=False)
-class _Link:
-    """One subscriber connection to one master, and everything that dies with it."""
-
-    conn: AbstractConnection
-    fifo: deque[_Expect] = field(default_factory=deque)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
-    poke: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    received: int = 0
-    dead: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -129,12 +103,17 @@ class _Shard:
     host: str
     port: int
     pub: Redis
-    link: _Link | None = None
+    sub: SubscriberLink = field(init=False)
     up: bool = False
     down: bool = False
     """A connect attempt failed or the link was lost, and it is not back yet."""
     task: asyncio.Task[None] | None = None
     attempted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def link(self) -> Link | None:
+        """The subscriber connection, while connected."""
+        return self.sub.link
 
 
 class ClusterBackplane(Backplane):
@@ -153,25 +132,15 @@ class ClusterBackplane(Backplane):
         self._url = settings.redis_url
         self._prefix = settings.redis_prefix.encode()
         name = re.sub(r"[^A-Za-z0-9._:-]", "_", settings.node_id) or "node"
-        common: dict[str, Any] = {
-            "decode_responses": False,
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            "retry": Retry(NoBackoff(), 0),  # we retry, with our backoff, or fail fast
-            "health_check_interval": 0,
-        }
+        sub_options, self._pub_options = client_options(name)
         url_options: dict[str, Any] = dict(parse_url(self._url))
         self._seed_host = str(url_options.pop("host", "127.0.0.1"))
         url_options.pop("port", None)
         url_options.pop("db", None)  # a cluster has database 0 only
         self._sub_class: type[AbstractConnection] = url_options.pop("connection_class",
                                                                      Connection)
-        self._sub_options: dict[str, Any] = {
-            **url_options, **common, "socket_timeout": None, "protocol": 2,
-            "client_name": f"wsbroker:{name}:sub", "socket_read_size": 256 * 1024,
-        }
-        self._pub_options: dict[str, Any] = {
-            **common, "socket_timeout": PUBLISH_TIMEOUT, "client_name": f"wsbroker:{name}:pub",
-        }
+        # Our options win over the URL's query string.
+        self._sub_options: dict[str, Any] = {**url_options, **sub_options}
         self._seed_pub: Redis = Redis.from_url(self._url, **self._pub_options)
         # Wanted channels: prefixed Redis name → our name (the readers' lookup
         # table), → the token of the subscribe call that added it, and → the
@@ -262,8 +231,7 @@ class ClusterBackplane(Backplane):
                         self._tokens[key] = token
                         self._owner[key] = shard
                         self._orphans.pop(key, None)
-                        await self._write(shard, link, [_Expect(_SSUBSCRIBE, key, future)],
-                                          b"SSUBSCRIBE", key)
+                        await shard.sub.subscribe(link, key, future)
                     error = await future
                     if error is None:
                         return
@@ -295,8 +263,7 @@ class ClusterBackplane(Backplane):
                 async with link.lock:
                     if link.dead or self._owner.get(key) is shard:
                         return  # gone, or subscribed here again meanwhile
-                    await self._write(shard, link, [_Expect(_SUNSUBSCRIBE, key, future)],
-                                      b"SUNSUBSCRIBE", key)
+                    await shard.sub.unsubscribe(link, key, future)
                 await future
         except (BackplaneUnavailable, TimeoutError):
             # Never fails: if the link is dying the subscription dies with it.
@@ -318,9 +285,7 @@ class ClusterBackplane(Backplane):
                                                ) from exc
                 self._learn_moved(exc, shard)
             except (RedisError, OSError) as exc:
-                link = shard.link
-                if link is not None:
-                    link.poke.set()  # check that shard's link now, not in 5 s
+                shard.sub.poke()  # check that shard's link now, not in 5 s
                 raise BackplaneUnavailable(f"Redis publish to {shard.name} failed: {exc}"
                                            ) from exc
 
@@ -350,6 +315,7 @@ class ClusterBackplane(Backplane):
             url = urlsplit(self._url)._replace(netloc=netloc[0] + netloc[1] + address,
                                                path="").geturl()
             shard = _Shard(name, host, port, Redis.from_url(url, **self._pub_options))
+            shard.sub = self._subscriber(shard)
             self._shards[name] = shard
             if self._running:
                 shard.task = asyncio.create_task(self._supervise(shard),
@@ -484,7 +450,7 @@ class ClusterBackplane(Backplane):
                 with contextlib.suppress(BackplaneUnavailable):
                     async with link.lock:
                         if not link.dead:
-                            await self._write_many(shard, link, chunk, None)
+                            await shard.sub.subscribe_many(link, chunk, None)
         self._recompute_up()
         return unresolved
 
@@ -496,8 +462,7 @@ class ClusterBackplane(Backplane):
         with contextlib.suppress(BackplaneUnavailable):
             async with link.lock:
                 if not link.dead:
-                    await self._write(shard, link, [_Expect(_SUNSUBSCRIBE, key)],
-                                      b"SUNSUBSCRIBE", key)
+                    await shard.sub.unsubscribe(link, key)
 
     async def _retire_unused(self) -> None:
         """Close shards that left the map and hold nothing (a master removed)."""
@@ -513,8 +478,7 @@ class ClusterBackplane(Backplane):
         self._recompute_up()
 
     async def _retire(self, shard: _Shard) -> None:
-        if shard.link is not None:
-            await self._close_link(shard, shard.link, "backplane stopped", notify=False)
+        await shard.sub.stop()
         shard.up = False
         await shard.pub.aclose()
 
@@ -540,117 +504,53 @@ class ClusterBackplane(Backplane):
             except Exception:
                 log.exception("the backplane state handler failed")
 
-    # -- one shard's link life cycle ----------------------------------------
+    # -- one shard's link: its life cycle and the cluster's rules for its replies
+
+    def _subscriber(self, shard: _Shard) -> SubscriberLink:
+        """A sharded-pub/sub link to ``shard``, holding the channels our map gives it."""
+        owner = self._owner
+        hooks = Hooks(
+            deliver=lambda: self._on_message,
+            wanted=functools.partial(self._held_by, shard),
+            wants=lambda key: owner.get(key) is shard,
+            lost=functools.partial(self._lost, shard),
+            unasked_unsubscribe=functools.partial(self._dropped, shard),
+            moved=functools.partial(self._moved, shard),
+        )
+        connect = functools.partial(self._sub_class, **{**self._sub_options,
+                                                         "host": shard.host, "port": shard.port})
+        return SubscriberLink(SHARDED, hooks, connect=connect, names=self._names, timing=self,
+                              name=f"Redis Cluster shard {shard.name}", tag="wsb-cluster",
+                              log=log)
 
     async def _supervise(self, shard: _Shard) -> None:
         """Connect, serve until the link is lost, back off, repeat."""
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        failures = 0
-        connected_before = False
-        while True:
-            try:
-                link = await self._open(shard)
-            except Exception as exc:
-                expected = isinstance(exc, RedisError | OSError | TimeoutError |
-                                      BackplaneUnavailable)
-                loud = failures % 10 == 0 or not expected
-                log.log(logging.WARNING if loud else logging.DEBUG,
-                        "cannot connect to Redis Cluster shard %s: %s; retrying with backoff",
-                        shard.name, str(exc) or type(exc).__name__, exc_info=not expected)
-                failures += 1
-                shard.down = True
-                shard.attempted.set()
-                self._stale.set()  # has its slots moved to another master (failover)?
-                await asyncio.sleep(backoff_delay(attempt))
-                attempt += 1
-                continue
-            since = loop.time()
-            log.log(logging.WARNING if failures else logging.INFO,
-                    "%s Redis Cluster shard %s after %d failed attempts; %d channels here",
-                    "reconnected to" if connected_before else "connected to", shard.name,
-                    failures, sum(1 for s in self._owner.values() if s is shard))
-            failures = 0
-            connected_before = True
-            shard.up = True
-            shard.down = False
-            self._recompute_up()
-            shard.attempted.set()
-            try:
-                await link.lost.wait()
-            finally:
-                await self._close_link(shard, link, "backplane stopped", notify=False)
-            if loop.time() - since >= 5.0:
-                attempt = 0  # it was a healthy connection: start the backoff afresh
-            await asyncio.sleep(backoff_delay(attempt))
-            attempt += 1
+        await supervise(shard.sub, target=f"Redis Cluster shard {shard.name}", log=log,
+                        failed=functools.partial(self._shard_failed, shard),
+                        connected=functools.partial(self._shard_connected, shard))
 
-    async def _open(self, shard: _Shard) -> _Link:
-        """A connected link to ``shard`` holding every wanted channel of its slots."""
-        options = {**self._sub_options, "host": shard.host, "port": shard.port}
-        link = _Link(self._sub_class(**options))
-        try:
-            async with asyncio.timeout(SETUP_TIMEOUT):
-                await link.conn.connect()  # type: ignore[no-untyped-call]
-                # From here subscribe/unsubscribe/re-route write on this link.
-                shard.link = link
-                link.tasks.append(asyncio.create_task(self._read(shard, link),
-                                                      name="wsb-cluster-read"))
-                link.tasks.append(asyncio.create_task(self._watch(shard, link),
-                                                      name="wsb-cluster-ping"))
-                await self._resubscribe(shard, link)
-        except BaseException:
-            await self._close_link(shard, link, "cannot set up the subscriber link",
-                                   notify=False)
-            raise
-        return link
+    def _shard_failed(self, shard: _Shard) -> None:
+        shard.down = True
+        shard.attempted.set()
+        self._stale.set()  # has its slots moved to another master (failover)?
 
-    async def _resubscribe(self, shard: _Shard, link: _Link) -> None:
-        """SSUBSCRIBE the shard's channels (one command each: one slot each), pipelined."""
+    def _shard_connected(self, shard: _Shard, failures: int, again: bool) -> None:
+        log.log(logging.WARNING if failures else logging.INFO,
+                "%s Redis Cluster shard %s after %d failed attempts; %d channels here",
+                "reconnected to" if again else "connected to", shard.name,
+                failures, sum(1 for s in self._owner.values() if s is shard))
+        shard.up = True
+        shard.down = False
+        self._recompute_up()
+        shard.attempted.set()
+
+    def _held_by(self, shard: _Shard) -> list[bytes]:
+        """The channels to SSUBSCRIBE on a fresh link to ``shard``."""
         # Not the channels this shard dropped: the keeper re-routes those.
-        keys = [key for key, owner in self._owner.items()
+        return [key for key, owner in self._owner.items()
                 if owner is shard and self._orphans.get(key) is not shard]
-        futures: list[asyncio.Future[Exception | None]] = []
-        loop = asyncio.get_running_loop()
-        for start in range(0, len(keys), RESUBSCRIBE_CHUNK):
-            future: asyncio.Future[Exception | None] = loop.create_future()
-            futures.append(future)
-            async with link.lock:
-                await self._write_many(shard, link, keys[start:start + RESUBSCRIBE_CHUNK],
-                                       future)
-        for future in futures:
-            error = await future
-            # MOVED is handled by the reader (re-route); anything else is fatal.
-            if error is not None and not isinstance(error, MovedError):
-                raise BackplaneUnavailable(f"Redis refused SSUBSCRIBE: {error}")
 
-    async def _close_link(self, shard: _Shard, link: _Link, reason: str, *,
-                          notify: bool) -> None:
-        """Forget ``link``, stop its tasks and close its socket."""
-        self._lose(shard, link, reason, notify=notify)
-        current = asyncio.current_task()
-        tasks = [task for task in link.tasks if task is not current]
-        for task in tasks:
-            task.cancel()
-        try:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await link.conn.disconnect()
-
-    def _lose(self, shard: _Shard, link: _Link, reason: str, *, notify: bool = True) -> None:
-        """Mark ``link`` dead at once: fail its waiters, flip the state (synchronous)."""
-        if link.dead:
-            return
-        link.dead = True
-        if shard.link is link:
-            shard.link = None
-        error = ConnectionError(reason)
-        for expect in link.fifo:
-            if expect.future is not None and not expect.future.done():
-                expect.future.set_result(error)
-        link.fifo.clear()
-        link.lost.set()
+    def _lost(self, shard: _Shard, reason: str, notify: bool) -> None:
         if shard.up:
             shard.up = False
             shard.down = True
@@ -661,157 +561,17 @@ class ClusterBackplane(Backplane):
                             sum(1 for s in self._owner.values() if s is shard))
                 self._recompute_up()
 
-    # -- the subscriber link -------------------------------------------------
+    def _dropped(self, shard: _Shard, key: bytes) -> None:
+        """Redis pushed an unasked ``sunsubscribe``: the slot left ``shard``; re-route."""
+        if self._owner.get(key) is shard:
+            log.info("Redis Cluster shard %s dropped channel %s (slot moved); "
+                     "re-routing", shard.name, self._names.get(key, key))
+            self._orphans[key] = shard
+            self._stale.set()
 
-    async def _write(self, shard: _Shard, link: _Link, expected: list[_Expect],
-                     *args: bytes) -> None:
-        """Queue the replies ``args`` will get, then send it; hold ``link.lock``."""
-        await self._send(shard, link, expected, link.conn.pack_command(*args))
-
-    async def _write_many(self, shard: _Shard, link: _Link, keys: list[bytes],
-                          last: asyncio.Future[Exception | None] | None) -> None:
-        """Pipeline one SSUBSCRIBE per key (engine-initiated); ``last`` gets the last reply."""
-        expected = [_Expect(_SSUBSCRIBE, key, reroute=True) for key in keys]
-        if not expected:
-            if last is not None:
-                last.set_result(None)
-            return
-        expected[-1].future = last
-        pack = link.conn.pack_command
-        packed = [part for key in keys for part in pack(b"SSUBSCRIBE", key)]
-        await self._send(shard, link, expected, packed)
-
-    async def _send(self, shard: _Shard, link: _Link, expected: list[_Expect],
-                    packed: list[bytes]) -> None:
-        # Queuing and writing under one lock keeps the FIFO in wire order. The
-        # connection must not reconnect behind our back (redis-py would on a
-        # closed socket), so a closed one fails the link instead.
-        if link.dead or not link.conn.is_connected:
-            self._lose(shard, link, "the subscriber connection is closed")
-            raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable")
-        link.fifo.extend(expected)
-        try:
-            await link.conn.send_packed_command(packed, check_health=False)
-        except (RedisError, OSError) as exc:
-            self._lose(shard, link, f"write failed: {exc}")
-            raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable"
-                                       ) from exc
-
-    async def _read(self, shard: _Shard, link: _Link) -> None:
-        """Read every reply on one shard's link until it fails."""
-        conn = link.conn
-        names = self._names
-        on_message = self._on_message
-        batch = 0
-        try:
-            while True:
-                try:
-                    reply = await conn.read_response(
-                        timeout=math.inf, disconnect_on_error=False, push_request=True
-                    )
-                except ResponseError as exc:
-                    link.received += 1
-                    self._refused(shard, link, exc)
-                    continue
-                link.received += 1
-                if type(reply) is not bytes and reply[0] == _SMESSAGE:
-                    channel = names.get(reply[1])
-                    if channel is not None:
-                        try:
-                            on_message(channel, reply[2])
-                        except Exception:
-                            log.exception("the backplane message handler failed")
-                    batch += 1
-                    if batch >= YIELD_EVERY:
-                        batch = 0
-                        await asyncio.sleep(0)
-                else:
-                    await self._confirm(shard, link, reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._lose(shard, link, f"read failed: {exc!r}")
-
-    async def _confirm(self, shard: _Shard, link: _Link, reply: Any) -> None:
-        """Match an (s)(un)subscribe or PING reply with the head of the FIFO."""
-        if isinstance(reply, bytes):  # PONG outside subscribed mode
-            kind, channel = (_PONG, None) if reply == b"PONG" else (reply, None)
-        else:
-            kind, channel = reply[0], reply[1]
-        head = link.fifo[0] if link.fifo else None
-        if kind == _SUNSUBSCRIBE and (head is None or head.kind != _SUNSUBSCRIBE
-                                      or head.channel != channel):
-            # Not asked for: the slot left this shard and Redis dropped us.
-            if isinstance(channel, bytes) and self._owner.get(channel) is shard:
-                log.info("Redis Cluster shard %s dropped channel %s (slot moved); "
-                         "re-routing", shard.name, self._names.get(channel, channel))
-                self._orphans[channel] = shard
-                self._stale.set()
-            return
-        if (head is None or head.kind != kind
-                or (kind != _PONG and head.channel != channel)):
-            raise ConnectionError(f"unexpected reply {reply!r} on the subscriber link")
-        link.fifo.popleft()
-        if head.future is not None and not head.future.done():
-            head.future.set_result(None)
-        if (kind == _SSUBSCRIBE and isinstance(channel, bytes)
-                and self._owner.get(channel) is not shard):
-            # Confirmed, but not wanted here (cancelled, unsubscribed, or moved
-            # elsewhere meanwhile): drop it.
-            async with link.lock:
-                if self._owner.get(channel) is not shard and not link.dead:
-                    await self._write(shard, link, [_Expect(_SUNSUBSCRIBE, channel)],
-                                      b"SUNSUBSCRIBE", channel)
-
-    def _refused(self, shard: _Shard, link: _Link, error: ResponseError) -> None:
-        """An error reply answers the command at the head of the FIFO.
-
-        One exception: when a slot moves while we SUNSUBSCRIBE one of its
-        channels, Redis's own ``sunsubscribe`` push can take our command's place
-        in the FIFO, and the MOVED that then answers our SUNSUBSCRIBE has no
-        entry left. A MOVED for another slot than the head's channel (or for a
-        head that is a PING, or no head) is that stray reply: skip it.
-        """
-        head = link.fifo[0] if link.fifo else None
-        if isinstance(error, MovedError) and (
-                head is None or head.channel is None
-                or key_slot(head.channel) != int(error.slot_id)):
-            log.debug("skipped a stray MOVED on shard %s: %s", shard.name, error)
-            return
-        if head is None:
-            raise ConnectionError(f"unexpected error reply {error!r}")
-        link.fifo.popleft()
-        if head.future is not None and not head.future.done():
-            head.future.set_result(error)
-        if (head.reroute and head.kind == _SSUBSCRIBE and isinstance(error, MovedError)
-                and head.channel is not None and self._owner.get(head.channel) is shard):
-            self._orphans[head.channel] = shard
+    def _moved(self, shard: _Shard, key: bytes, error: MovedError) -> None:
+        """Our own SSUBSCRIBE (re-subscribe, re-route) got MOVED: re-route ``key``."""
+        if self._owner.get(key) is shard:
+            self._orphans[key] = shard
             self._learn_moved(error, shard)
 
-    async def _watch(self, shard: _Shard, link: _Link) -> None:
-        """PING the link when it has been quiet; no answer → that shard is lost."""
-        try:
-            while True:
-                seen = link.received
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.ping_interval):
-                        await link.poke.wait()
-                poked = link.poke.is_set()
-                link.poke.clear()
-                if link.received != seen and not poked:
-                    continue
-                pong: asyncio.Future[Exception | None] = asyncio.get_running_loop(
-                    ).create_future()
-                try:
-                    async with asyncio.timeout(self.ping_timeout):
-                        async with link.lock:
-                            await self._write(shard, link, [_Expect(_PONG, None, pong)],
-                                              b"PING")
-                        await pong
-                except TimeoutError:
-                    self._lose(shard, link, f"no reply to PING within {self.ping_timeout:g} s")
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._lose(shard, link, f"health check failed: {exc!r}")
