@@ -37,6 +37,7 @@ class Loadgen:
         logdir: Path,
         on_progress: Callable[[dict[str, Any]], None],
         limit_s: float,
+        token_secret: str | None = None,
     ) -> tuple[Loadgen, dict[str, Any]]:
         """Start the generator, let it connect everyone, return it with its ``ready``."""
         cmd = processes.pinned(
@@ -56,6 +57,7 @@ class Loadgen:
                 channel_name,
                 "--concurrency",
                 str(concurrency),
+                *(["--token-secret", token_secret] if token_secret else []),
             ],
             LOAD_CPU,
         )

@@ -29,6 +29,7 @@ from array import array
 from collections import Counter
 from typing import Any, cast
 
+import jwt
 import orjson
 
 from benchmarks import frames
@@ -90,10 +91,11 @@ class Counters:
 class Generator:
     """The whole client population plus what the harness asked to measure."""
 
-    def __init__(self, host: str, port: int, path: str) -> None:
+    def __init__(self, host: str, port: int, path: str, token_secret: str | None = None) -> None:
         self.host = host
         self.port = port
         self.request = frames.upgrade_request(host, port, path)
+        self.token_secret = token_secret
         self.subscribers: list[Subscriber] = []
         self.counters = Counters(0)
         self.close_codes: Counter[int] = Counter()
@@ -101,6 +103,15 @@ class Generator:
         self.subscribed = 0
         self.lost = 0
         self.controls = 0
+
+
+    def request_for(self, sub_id: int) -> bytes:
+        """The upgrade request: shared, or with a token of its own (``--token-secret``)."""
+        if self.token_secret is None:
+            return self.request
+        claims = {"sub": f"bench-{sub_id}", "exp": int(time.time()) + 3600, "channels": [">"]}
+        token = jwt.encode(claims, self.token_secret, algorithm="HS256")
+        return frames.upgrade_request(self.host, self.port, f"/ws?token={token}")
 
 
 class Subscriber(asyncio.Protocol):
@@ -112,6 +123,7 @@ class Subscriber(asyncio.Protocol):
         "last_seq",
         "open",
         "ready",
+        "request",
         "rest",
         "sub_frame",
         "subscribed",
@@ -127,6 +139,7 @@ class Subscriber(asyncio.Protocol):
         self.rest = b""
         self.last_seq = 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.request = gen.request_for(sub_id)
         op = {"op": "subscribe", "channel": channel, "id": sub_id}
         self.sub_frame = frames.client_frame(frames.OP_TEXT, orjson.dumps(op))
 
@@ -134,7 +147,7 @@ class Subscriber(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.write(self.gen.request)
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.subscribed:
@@ -364,7 +377,7 @@ async def command_loop(gen: Generator) -> None:
 
 
 async def amain(args: argparse.Namespace) -> None:
-    gen = Generator(args.host, args.port, args.path)
+    gen = Generator(args.host, args.port, args.path, args.token_secret)
     cpu0 = cpu_seconds()
     seconds = await connect_all(
         gen, args.subscribers, args.channels, args.concurrency, args.channel_name
@@ -396,6 +409,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--channel-name", default="bench", help="channels are NAME.0 … NAME.<n-1>")
     p.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
+    p.add_argument("--token-secret", default=None,
+                   help="mint a distinct HS256 token per subscriber with this secret")
     return p.parse_args(argv)
 
 

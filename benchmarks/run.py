@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--size", type=int, default=100, help="payload bytes per message")
     p.add_argument(
+        "--unique-tokens",
+        action="store_true",
+        help="a distinct token per connection (default: one token shared by all, as a "
+        "reconnect storm presents; wsbroker remembers verified tokens)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=5.0,
@@ -356,6 +362,7 @@ async def set_up(ctx: Context, c: Contender, subscribers: int, channels: int) ->
             ctx.logdir,
             on_progress,
             limit_s=120,
+            token_secret=c.target.secret if args.unique_tokens else None,
         )
         await asyncio.sleep(1.0 if args.idle else 0.5)
         rss_after = processes.rss_kib(c.target.managed.pid)

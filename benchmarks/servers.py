@@ -31,6 +31,7 @@ class Target:
     managed: processes.Managed
     port: int
     path: str
+    secret: str
 
 
 def mint_token(secret: str, ttl: float = 3600.0) -> str:
@@ -94,4 +95,4 @@ def start_server(name: str, redis_port: int, logdir: Path) -> Target:
         tail = managed.log_tail()
         managed.stop()
         raise RuntimeError(f"{name} did not start: {exc}\n{tail}") from exc
-    return Target(name, managed, port, f"/ws?token={mint_token(secret)}")
+    return Target(name, managed, port, f"/ws?token={mint_token(secret)}", secret)
