@@ -248,6 +248,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--max-message-size must be at least 64 bytes")
     if settings.max_connections < 0 or settings.workers < 1:
         raise ConfigError("--max-connections must be ≥ 0 and --workers ≥ 1")
+    if settings.history:
+        raise ConfigError("--history: channel history is not implemented in this version "
+                          "(history answers not_enabled); remove the flag")
     if settings.redis_cluster and not settings.redis_url:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
     if bool(settings.tls_cert) != bool(settings.tls_key):
