@@ -164,6 +164,12 @@ async def http_status(url: str) -> int:
     return (await asyncio.to_thread(http_get, url))[0]
 
 
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any WSB_* variable, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WSB_")}
+    return {**env, **(extra or {})}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

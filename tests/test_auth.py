@@ -498,3 +498,10 @@ async def test_auth_failures_are_counted_in_metrics(node: Node) -> None:
     assert 'wsbroker_auth_failures_total{reason="signature"} 1.0' in text
     assert 'wsbroker_auth_failures_total{reason="expired"} 2.0' in text
     assert 'wsbroker_auth_failures_total{reason="no_auth"} 1.0' in text
+
+
+async def test_an_exp_beyond_exact_json_numbers_is_refused(node: Node) -> None:
+    """A signed but absurd ``exp`` (10**30) is refused, not a crashed session."""
+    token = make_token(ttl=10**30)
+    reason = assert_plain_401(await refused(ws_url(node), token))
+    assert "exp" in reason

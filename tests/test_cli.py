@@ -7,7 +7,6 @@ Servers are real ``wsbroker serve`` processes; ``token``, ``publish`` and
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import sys
@@ -29,6 +28,7 @@ from tests.helpers import (
     WAIT,
     Client,
     ServerProcess,
+    clean_env,
     eventually,
     free_port,
     http_get,
@@ -45,12 +45,6 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any WSB_* variable, plus ``extra``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WSB_")}
-    return {**env, **(extra or {})}
 
 
 async def cli(*args: str, env: dict[str, str] | None = None, limit: float = 20.0) -> Run:
@@ -550,3 +544,11 @@ async def test_dev_mode_with_a_public_key_still_serves_the_demo(
     assert run.returncode == 0, run.stderr
     async with Client.connect(server.url, run.stdout.strip(), how="message") as client:
         assert (await client.subscribe("demo.chat"))["channel"] == "demo.chat"
+
+
+async def test_publish_never_prints_the_redis_password() -> None:
+    url = f"redis://user:S3cretPassw0rd@127.0.0.1:{free_port()}/0"
+    result = await cli("publish", "chan", '{"a": 1}', "--redis-url", url)
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr
+    assert "S3cretPassw0rd" not in result.stderr + result.stdout

@@ -97,3 +97,18 @@ async def test_a_refused_handshake_is_plain_text_401(node: Node) -> None:
     assert response.status_code == 401
     assert response.headers["Content-Type"].startswith("text/plain")
     assert response.body.decode().count("\n") == 1
+
+
+async def test_clients_cannot_mint_disconnect_metric_series(node: Node) -> None:
+    """A client chooses its own close code; codes the SPEC does not name share a label."""
+    for code in (3001, 3002, 4999):
+        async with Client.connect(ws_url(node), make_token()) as client:
+            await client.ws.close(code, "bye")
+
+    async def counted() -> bool:
+        metrics = (await get(http_url(node) + "/metrics"))[2]
+        return 'wsbroker_disconnects_total{code="other"} 3.0' in metrics
+
+    await eventually(counted)
+    metrics = (await get(http_url(node) + "/metrics"))[2]
+    assert 'code="3001"' not in metrics

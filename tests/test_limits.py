@@ -11,9 +11,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import SECRET, Client, ServerProcess, eventually, make_token
+from tests.helpers import SECRET, Client, ServerProcess, eventually, http_get, make_token
 from wsbroker.config import RateLimit
 from wsbroker.server import Node
+from wsbroker.session import CLOSE_TIMEOUT
 
 
 async def test_oversized_frame_closes_1009_and_others_are_unaffected(node: Node) -> None:
@@ -158,3 +159,38 @@ async def test_slow_consumer_is_cut_with_4009_and_others_get_everything(
         assert (code, reason) == (4009, "slow consumer")
         assert rss_growth_mib < 24, f"server RSS grew by {rss_growth_mib:.1f} MiB"
         assert (await publisher.request("ping", timeout=20))["type"] == "ok"
+
+
+async def test_a_client_that_never_reads_again_is_dropped_after_the_cut(
+    server_process: Callable[..., ServerProcess],
+) -> None:
+    """The 4009 close frame sits behind data the client never reads: the node must
+    not wait for it forever, but drop the connection within the close timeout."""
+    server = server_process("--jwt-secret", SECRET, "--rate-limit", "0",
+                            "--max-send-buffer", "256KiB")
+    token = make_token(publish=[">"])
+    blob = "x" * 16_000
+
+    async def metric(name: str) -> str:
+        return (await asyncio.to_thread(http_get, server.http + "/metrics"))[2]
+
+    async with (
+        Client.connect(server.url, token) as stuck,
+        Client.connect(server.url, token) as publisher,
+    ):
+        await stuck.subscribe("firehose")
+        stuck.ws.transport.pause_reading()  # and it never resumes
+
+        for _ in range(20):  # 32 MB: far more than the kernel's socket buffers hold
+            for _ in range(100):
+                await publisher.send({"op": "publish", "channel": "firehose", "data": blob})
+            for _ in range(100):
+                assert (await publisher.receive())["type"] == "ok"
+        assert 'wsbroker_messages_dropped_total{reason="slow_consumer"} 1.0' in (
+            await metric("dropped"))
+
+        async def dropped() -> bool:
+            return "wsbroker_connections 1.0" in await metric("connections")
+
+        await eventually(dropped, timeout=CLOSE_TIMEOUT + 5)
+        assert 'wsbroker_disconnects_total{code="4009"} 1.0' in await metric("disconnects")

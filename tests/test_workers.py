@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from tests.helpers import SECRET, Client, ServerProcess, eventually, http_get, make_token
+from tests.helpers import SECRET, Client, ServerProcess, clean_env, eventually, http_get, make_token
 from tests.redis_server import RedisServer
 
 CLIENTS = 24
@@ -103,3 +103,30 @@ async def test_publish_command_through_redis_reaches_listen_on_another_node(
     assert lines == ['{"type":"message","channel":"orders.eu","data":{"id":1}}',
                      '{"type":"message","channel":"orders.us","data":{"id":2}}']
     assert first.process is not None and first.process.poll() is None
+
+
+def test_workers_without_a_key_refuse_once_with_exit_2(redis_server: RedisServer) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsbroker", "serve", "--workers", "2",
+         "--redis-url", redis_server.url],
+        capture_output=True, text=True, timeout=30, env=clean_env(),
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("--jwt-secret") == 1, result.stderr
+
+
+async def test_dev_workers_share_the_printed_token(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess]
+) -> None:
+    server = server_process("--dev", "--workers", "2", "--redis-url", redis_server.url,
+                            "--node-id", "dv")
+    tokens = [line.split(" ", 1)[1] for line in server.stdout.splitlines()
+              if line.startswith("token: ")]
+    assert len(tokens) == 1, server.stdout
+    async with contextlib.AsyncExitStack() as stack:
+        clients: list[Client] = []
+        async with asyncio.timeout(15):
+            while len(nodes_of(clients)) < 2:
+                clients.append(await stack.enter_async_context(
+                    Client.connect(server.url, tokens[0])))
+        assert nodes_of(clients) == {"dv-1", "dv-2"}

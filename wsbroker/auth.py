@@ -29,6 +29,7 @@ log = logging.getLogger("wsbroker.auth")
 JWKS_REFETCH_INTERVAL = 10.0
 JWKS_FETCH_TIMEOUT = 5.0
 VERIFIED_TOKENS_CAPACITY = 10_000
+MAX_EXP = 2**53  # beyond this a timestamp is no longer an exact JSON number
 _HMAC_ALGORITHMS = {
     "HS256": HMACAlgorithm.SHA256,
     "HS384": HMACAlgorithm.SHA384,
@@ -283,6 +284,8 @@ def _identity(claims: dict[str, Any]) -> Identity:
         raise AuthError("claims", "token 'sub' must be a non-empty string")
     if not isinstance(expires, int | float) or isinstance(expires, bool):
         raise AuthError("claims", "token 'exp' must be a number")
+    if not abs(expires) < MAX_EXP:
+        raise AuthError("claims", "token 'exp' is out of range")
     try:
         channels = _patterns(claims, "channels")
         publish = _patterns(claims, "publish")

@@ -10,7 +10,10 @@ written with one ``writelines`` call per client.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
+
+log = logging.getLogger("wsbroker.batching")
 
 
 class Flushable(Protocol):
@@ -39,4 +42,7 @@ class FlushScheduler:
     def _flush_all(self) -> None:
         dirty, self._dirty = self._dirty, []
         for session in dirty:
-            session.flush()
+            try:
+                session.flush()
+            except Exception:  # one broken transport must not strand the others
+                log.exception("flushing a client's frames failed")

@@ -16,6 +16,8 @@ from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from wsbroker.backplane.link import redact_url
+
 
 class ClientError(Exception):
     """The command could not do its job; the message says why, for a human."""
@@ -40,7 +42,7 @@ async def publish_redis(
         else:
             receivers = await client.publish(prefix + channel, data)
     except RedisError as exc:
-        raise ClientError(f"cannot reach Redis at {redis_url}: {exc}") from None
+        raise ClientError(f"cannot reach Redis at {redact_url(redis_url)}: {exc}") from None
     finally:
         await client.aclose()
     return receivers

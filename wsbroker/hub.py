@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from wsbroker.backplane import Backplane
+from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
 from wsbroker.protocol import decode_payload, encode_message, text_frame
@@ -80,6 +80,8 @@ class Hub:
         Raises :class:`~wsbroker.backplane.BackplaneUnavailable` when the
         backplane cannot subscribe now; nothing is left half-done then.
         """
+        if not self._backplane.is_up:  # even for a channel held: it may be missing messages
+            raise BackplaneUnavailable("the backplane is down")
         state = self._channels.get(channel)
         if state is None:
             task = asyncio.ensure_future(self._backplane.subscribe(channel))
@@ -149,7 +151,7 @@ class Hub:
 
     async def close(self) -> None:
         """Cancel backplane subscriptions still in flight (node shutdown)."""
-        for state in self._channels.values():
+        for state in list(self._channels.values()):
             state.ready.cancel()
             with contextlib.suppress(BaseException):
                 await state.ready

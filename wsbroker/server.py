@@ -27,13 +27,18 @@ from wsbroker.config import Settings
 from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
-from wsbroker.session import CLOSE_SERVICE_RESTART, NodeServices, Session
+from wsbroker.session import (
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TIMEOUT,
+    EARLY_FLUSH_BYTES,
+    NodeServices,
+    Session,
+)
 
 log = logging.getLogger("wsbroker.server")
 
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
-CLOSE_TIMEOUT = 5.0
 
 
 class Node:
@@ -78,6 +83,11 @@ class Node:
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
+            # Our frames bypass websockets' flow control (see Session.deliver), so
+            # its own sends (pings, closes) must not wait on a buffer we allow to
+            # reach --max-send-buffer: with a lower mark a client that stops
+            # reading would stall its keepalive forever instead of timing out.
+            write_limit=2 * settings.max_send_buffer + EARLY_FLUSH_BYTES,
             server_header="wsbroker",
             ssl=_tls_context(settings),
             reuse_port=settings.workers > 1,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from wsbroker import protocol
 from wsbroker.auth import AuthError, Identity, Verifier
@@ -38,6 +39,9 @@ CLOSE_SERVICE_RESTART = 1012
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_RATE_LIMITED = 4008
 CLOSE_SLOW_CONSUMER = 4009
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds a client has to answer our close frame before the connection is dropped."""
 
 EARLY_FLUSH_BYTES = 64 * 1024
 """Frames queued in one turn beyond this go to the socket at once, so the
@@ -83,7 +87,7 @@ class Session:
         self._queued = 0
         self._flush_scheduled = False
         self._expiry: asyncio.TimerHandle | None = None
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.TimerHandle | None = None
 
     # -- writing ---------------------------------------------------------------
 
@@ -143,16 +147,33 @@ class Session:
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close_soon(self, code: int, reason: str) -> None:
-        """Start the closing handshake from a callback (timers, fan-out, drain)."""
-        if self._closing is None:
-            self._closing = asyncio.ensure_future(
-                self._connection.close(code, _fit_close_reason(reason))
-            )
+        """Start the closing handshake now, from any callback (timers, fan-out, drain).
+
+        The close frame is written straight after whatever is queued, and the
+        connection is aborted if the client has not completed the handshake
+        within :data:`CLOSE_TIMEOUT`. (websockets' own ``close()`` first waits
+        for the send buffer to drain, without a deadline: a client that stopped
+        reading would hold its connection and buffer forever.)
+        """
+        if self._closing is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._closing = loop.call_later(CLOSE_TIMEOUT, self._abort)
+        if self._ws.state is State.OPEN:
+            if self._queue:
+                self._write_queue()
+            self._ws.send_close(code, _fit_close_reason(reason))
+            self._connection.send_data()
+
+    def _abort(self) -> None:
+        if not self._connection.connection_lost_waiter.done():
+            log.info("client %s (%s) did not complete the closing handshake in %.0fs; "
+                     "dropping the connection", self.client_id, self.address, CLOSE_TIMEOUT)
+            self._transport.abort()
 
     async def close(self, code: int, reason: str) -> None:
         self.close_soon(code, reason)
-        assert self._closing is not None
-        await asyncio.shield(self._closing)
+        await self.wait_closed()
 
     async def wait_closed(self) -> None:
         await self._connection.wait_closed()
@@ -231,8 +252,9 @@ class Session:
             with contextlib.suppress(Exception):
                 await hub.unsubscribe(channel, self)
         self.channels.clear()
-        code = self._connection.close_code
-        self._node.metrics.disconnects.labels(str(code if code is not None else 1006)).inc()
+        if self._closing is not None:
+            self._closing.cancel()
+        self._node.metrics.disconnects.labels(_disconnect_label(self._ws)).inc()
 
     def _require_identity(self) -> Identity:
         assert self.identity is not None, "session used before authentication"
@@ -361,3 +383,20 @@ def _fit_close_reason(reason: str) -> str:
     if len(encoded) <= MAX_CLOSE_REASON_BYTES:
         return reason
     return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
+_KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+     CLOSE_UNAUTHORIZED, CLOSE_RATE_LIMITED, CLOSE_SLOW_CONSUMER}
+)
+
+
+def _disconnect_label(ws: ServerProtocol) -> str:
+    """The close code for the metric: ours when we closed, else the client's, bounded.
+
+    A client picks its own close code; unknown ones share one label so that no
+    client can mint metric series at will.
+    """
+    frame = ws.close_sent if ws.close_sent is not None else ws.close_rcvd
+    code = frame.code if frame is not None else 1006
+    return str(code) if code in _KNOWN_CLOSE_CODES else "other"
