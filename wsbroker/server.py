@@ -30,7 +30,6 @@ from wsbroker.metrics import CONTENT_TYPE, Metrics
 from wsbroker.session import (
     CLOSE_SERVICE_RESTART,
     CLOSE_TIMEOUT,
-    EARLY_FLUSH_BYTES,
     NodeServices,
     Session,
 )
@@ -39,6 +38,7 @@ log = logging.getLogger("wsbroker.server")
 
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
+UNBOUNDED_WRITE_LIMIT = 1 << 30  # uvloop takes a C int
 
 
 class Node:
@@ -83,11 +83,12 @@ class Node:
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
-            # Our frames bypass websockets' flow control (see Session.deliver), so
-            # its own sends (pings, closes) must not wait on a buffer we allow to
-            # reach --max-send-buffer: with a lower mark a client that stops
-            # reading would stall its keepalive forever instead of timing out.
-            write_limit=2 * settings.max_send_buffer + EARLY_FLUSH_BYTES,
+            # Our frames bypass websockets' flow control (Session.deliver bounds
+            # each client by --max-send-buffer itself), and websockets only ever
+            # writes tiny control frames of its own; they must never wait for the
+            # buffer to drain, or a client that stopped reading would stall its
+            # keepalive ping forever instead of timing out.
+            write_limit=UNBOUNDED_WRITE_LIMIT,
             server_header="wsbroker",
             ssl=_tls_context(settings),
             reuse_port=settings.workers > 1,
