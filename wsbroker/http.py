@@ -7,6 +7,7 @@ WebSocket upgrade at ``/ws`` is answered here with a complete response.
 from __future__ import annotations
 
 import email.utils
+import functools
 import http
 from importlib import resources
 
@@ -42,6 +43,7 @@ def upgrade_required() -> Response:
     return response
 
 
+@functools.cache
 def demo_page() -> bytes:
     """The dev-mode demo page, read once from the package."""
     return resources.files("wsbroker").joinpath("static/demo.html").read_bytes()
