@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import NodeFactory, http_url, ws_url
-from tests.helpers import Client, eventually, http_get, make_token
+from tests.helpers import WAIT, Client, eventually, http_get, make_token
 from wsbroker.server import Node
 
 
@@ -112,3 +113,27 @@ async def test_clients_cannot_mint_disconnect_metric_series(node: Node) -> None:
     await eventually(counted)
     metrics = (await get(http_url(node) + "/metrics"))[2]
     assert 'code="3001"' not in metrics
+
+
+@pytest.mark.parametrize("header", ["Origin", "Authorization", "Upgrade"])
+async def test_a_repeated_header_is_refused_with_400(
+    node: Node, header: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    values = {"Origin": "https://a.example", "Authorization": f"Bearer {make_token()}",
+              "Upgrade": "websocket"}
+    lines = ["GET /ws HTTP/1.1", f"Host: 127.0.0.1:{node.port}", "Connection: Upgrade",
+             "Upgrade: websocket", "Sec-WebSocket-Version: 13",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+             f"{header}: {values[header]}", f"{header}: {values[header]}"]
+    if header == "Upgrade":
+        lines.remove("Upgrade: websocket")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        response = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    head, _, body = response.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400 ")
+    assert body == f"the {header} header must appear once\n"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

@@ -106,6 +106,10 @@ async def test_history_is_not_enabled_without_history_config(node: Node) -> None
         ('{"op": "publish", "channel": "a", "id": 5}', "bad_request"),
         ('{"op": "subscribe", "channel": "a..b", "id": 5}', "invalid_channel"),
         ('{"op": "history", "channel": "a", "limit": 5000, "id": 5}', "bad_request"),
+        # Deeper than orjson writes back (255), but readable (it reads 1,024).
+        ('{"op": "publish", "channel": "a", "id": 5, "data": ' + "[" * 300 + "]" * 300 + "}",
+         "bad_request"),
+        ('{"id": 5, "op": ' + "[" * 1000 + "]" * 1000 + "}", "bad_request"),
     ],
 )
 async def test_bad_frames_get_an_error_and_the_connection_stays_open(
@@ -152,6 +156,22 @@ async def test_backend_payloads_raw_envelope_and_invalid(node: Node) -> None:
         assert (await client.next_message())["data"] == "after"
         metrics = node.metrics.render().decode()
         assert 'wsbroker_messages_dropped_total{reason="invalid_payload"} 1.0' in metrics
+
+
+async def test_a_backend_payload_nested_too_deep_is_dropped_as_invalid(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    deep = b"[" * 300 + b"]" * 300
+    async with Client.connect(ws_url(node), make_token()) as client:
+        await client.subscribe("feed")
+        await node.backplane.publish("feed", b'wsb1{"data": ' + deep + b"}")
+        await node.backplane.publish("feed", deep)  # raw JSON is passed on byte for byte
+        await node.backplane.publish("feed", b'"after"')
+        assert (await client.next_message())["data"] == orjson.loads(deep)
+        assert (await client.next_message())["data"] == "after"
+    metrics = node.metrics.render().decode()
+    assert 'wsbroker_messages_dropped_total{reason="invalid_payload"} 1.0' in metrics
+    assert not [record for record in caplog.records if record.exc_info]
 
 
 async def test_many_subscribers_each_get_every_message(node: Node) -> None:

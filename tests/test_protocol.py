@@ -58,6 +58,8 @@ def test_subscribe_since_is_parsed() -> None:
         ('{"op":"auth","token":""}', "bad_request"),
         ('{"op":"ping","id":true}', "bad_request"),
         ('{"op":"ping","id":[1]}', "bad_request"),
+        ('{"op":"publish","channel":"a","data":' + "[" * 256 + "]" * 256 + "}", "bad_request"),
+        ('{"op":' + "[" * 1000 + "]" * 1000 + "}", "bad_request"),
     ],
 )
 def test_bad_frames_get_their_error_code(frame: str, code: str) -> None:
@@ -103,7 +105,7 @@ def test_envelopes_round_trip() -> None:
 @pytest.mark.parametrize(
     "payload",
     [b"", b"not json", b"{", b"wsb1", b"wsb1[1]", b'wsb1{"from":"x"}', b'wsb1{"data":1,"from":2}',
-     b'wsb1{"data":1,"offset":"3"}', b"\xff\xfe"],
+     b'wsb1{"data":1,"offset":"3"}', b"\xff\xfe", b'wsb1{"data":' + b"[" * 300 + b"]" * 300 + b"}"],
 )
 def test_invalid_payloads_are_refused(payload: bytes) -> None:
     with pytest.raises(ValueError):

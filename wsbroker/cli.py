@@ -359,10 +359,14 @@ def _algorithm_for_private_key(pem: bytes) -> str:
 def _run_publish(args: argparse.Namespace) -> int:
     if not is_valid_channel(args.channel):
         raise ConfigError(f"{args.channel!r} is not a valid channel name")
+    from wsbroker.protocol import reencode
+
     try:
-        data = orjson.dumps(orjson.loads(args.json))
+        data = reencode(orjson.loads(args.json))
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"the message is not valid JSON: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"the message {exc}") from None
     redis_url = args.redis_url or _env("redis-url")
     from wsbroker import client
 

@@ -94,9 +94,11 @@ def parse_op(frame: str | bytes) -> Op:
     if op_id is not None and (not isinstance(op_id, int | str) or isinstance(op_id, bool)):
         raise ProtocolError("bad_request", "id must be an integer or a string")
     name = obj.get("op")
-    parser = _PARSERS.get(name) if isinstance(name, str) else None
+    if not isinstance(name, str):  # never echo a non-string (it may be nested 1,000 deep)
+        raise ProtocolError("bad_request", "'op' must be a string", op_id)
+    parser = _PARSERS.get(name)
     if parser is None:
-        raise ProtocolError("bad_request", f"unknown op {name!r}", op_id)
+        raise ProtocolError("bad_request", f"unknown op {name[:100]!r}", op_id)
     return parser(obj, op_id)
 
 
@@ -143,7 +145,26 @@ def _parse_publish(obj: dict[str, Any], op_id: OpId) -> Publish:
     channel = _channel(obj, op_id)
     if "data" not in obj:
         raise ProtocolError("bad_request", "'data' is required", op_id)
-    return Publish(op_id, channel, orjson.dumps(obj["data"]))
+    try:
+        data = reencode(obj["data"])
+    except ValueError as exc:
+        raise ProtocolError("bad_request", f"'data' {exc}", op_id) from None
+    return Publish(op_id, channel, data)
+
+
+MAX_DEPTH_MESSAGE = "is nested too deeply (at most 255 levels)"
+
+
+def reencode(value: Any) -> bytes:
+    """``value`` as JSON bytes; ValueError if it is nested deeper than orjson writes.
+
+    orjson reads up to 1,024 levels but writes only 255, so a document can be
+    accepted by ``loads`` and still fail here: that is bad input, not a crash.
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise ValueError(MAX_DEPTH_MESSAGE) from None
 
 
 def _parse_history(obj: dict[str, Any], op_id: OpId) -> History:
@@ -264,7 +285,7 @@ def decode_payload(payload: bytes) -> Envelope:
             raise ValueError("envelope 'offset' must be an integer")
         if epoch is not None and not isinstance(epoch, str):
             raise ValueError("envelope 'epoch' must be a string")
-        return Envelope(orjson.dumps(body["data"]), sender, offset, epoch)
+        return Envelope(reencode(body["data"]), sender, offset, epoch)
     orjson.loads(payload)  # validation only: raises orjson.JSONDecodeError (a ValueError)
     return Envelope(payload)
 

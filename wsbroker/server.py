@@ -39,6 +39,8 @@ log = logging.getLogger("wsbroker.server")
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
 UNBOUNDED_WRITE_LIMIT = 1 << 30  # uvloop takes a C int
+SINGLE_HEADERS = ("Upgrade", "Origin", "Authorization")
+"""Headers we read one value of: a request repeating one is refused with 400."""
 
 
 class Node:
@@ -167,6 +169,9 @@ class Node:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        for name in SINGLE_HEADERS:
+            if len(request.headers.get_all(name)) > 1:
+                return http.text(400, f"the {name} header must appear once")
         path, _, query = request.path.partition("?")
         is_upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if path == "/ws":
