@@ -229,6 +229,16 @@ async def test_burst_of_10000_publishes_is_all_received(node: Node) -> None:
     assert got == [b"%d" % i for i in range(count)]
 
 
+async def test_1000_concurrent_publishes_all_succeed(node: Node) -> None:
+    """A burst wider than any connection pool waits for a connection; none fails."""
+    await node.engine.subscribe("wide")
+    count = 1000
+    await asyncio.wait_for(asyncio.gather(
+        *(node.engine.publish("wide", b"%d" % i) for i in range(count))), 20)
+    got = await node.rec.received("wide", count, within=20)
+    assert sorted(got, key=int) == [b"%d" % i for i in range(count)]
+
+
 async def test_down_engine_refuses_subscribe_and_publish(node: Node) -> None:
     await node.engine.subscribe("a")
     await node.engine.stop()

@@ -76,6 +76,7 @@ from wsbroker.backplane.link import (
     SubscriberLink,
     backoff_delay,
     client_options,
+    publishing_client,
     redact_url,
     supervise,
 )
@@ -141,7 +142,7 @@ class ClusterBackplane(Backplane):
                                                                      Connection)
         # Our options win over the URL's query string.
         self._sub_options: dict[str, Any] = {**url_options, **sub_options}
-        self._seed_pub: Redis = Redis.from_url(self._url, **self._pub_options)
+        self._seed_pub: Redis = publishing_client(self._url, self._pub_options)
         # Wanted channels: prefixed Redis name → our name (the readers' lookup
         # table), → the token of the subscribe call that added it, and → the
         # shard it is (to be) subscribed on. Orphans were dropped by Redis (slot
@@ -314,7 +315,7 @@ class ClusterBackplane(Backplane):
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             url = urlsplit(self._url)._replace(netloc=netloc[0] + netloc[1] + address,
                                                path="").geturl()
-            shard = _Shard(name, host, port, Redis.from_url(url, **self._pub_options))
+            shard = _Shard(name, host, port, publishing_client(url, self._pub_options))
             shard.sub = self._subscriber(shard)
             self._shards[name] = shard
             if self._running:

@@ -21,7 +21,9 @@ Timeouts, and why (redis-py 8 changed the defaults under us):
   cannot wedge the reconnect loop.
 * **Publishing clients: 3 s** per command, **no redis-py retries** (its default
   of 10 retries with backoff would make a publish hang for seconds during an
-  outage).
+  outage), on a **blocking pool** of :data:`PUBLISH_POOL_SIZE` connections: a
+  burst of publishes wider than the pool waits up to 3 s for a free connection
+  instead of failing (redis-py's default pool raises past its size).
 * **Reconnect**: exponential backoff from 100 ms doubling to a 5 s cap, with
   equal jitter (half fixed, half random) so a fleet of nodes does not reconnect
   in lock-step and never spins with a zero delay.
@@ -54,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -69,6 +72,7 @@ CONFIRM_TIMEOUT = 5.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 RESUBSCRIBE_CHUNK = 1000
+PUBLISH_POOL_SIZE = 32
 YIELD_EVERY = 1000
 
 PONG = b"pong"
@@ -113,6 +117,13 @@ def client_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     publisher = {**common, "socket_timeout": PUBLISH_TIMEOUT,
                  "client_name": f"wsbroker:{name}:pub"}
     return subscriber, publisher
+
+
+def publishing_client(url: str, options: dict[str, Any]) -> Redis:
+    """A client for PUBLISH/SPUBLISH on a bounded pool that waits rather than raises."""
+    pool = BlockingConnectionPool.from_url(url, max_connections=PUBLISH_POOL_SIZE,
+                                           timeout=PUBLISH_TIMEOUT, **options)
+    return Redis.from_pool(pool)
 
 
 def failure(error: Exception) -> str:

@@ -1,12 +1,8 @@
 """The Redis engine: channel ``C`` is the Redis pub/sub channel ``<prefix>C``.
 
 One subscriber link (classic SUBSCRIBE, :mod:`wsbroker.backplane.link`) and a
-small publishing pool. Their timeouts, and why, are in ``link.py``, shared with
-the Redis Cluster engine: the subscriber has no read timeout but is PINGed after
-:attr:`RedisBackplane.ping_interval` (5 s) of silence and declared lost after
-:attr:`RedisBackplane.ping_timeout` (3 s) more; connect 3 s, connect + handshake
-+ re-subscribe 10 s; publish 3 s per command, with no redis-py retries; reconnect
-with backoff from 100 ms doubling to a 5 s cap, with equal jitter.
+small blocking publishing pool. Every timeout, and why, is told once, in
+``link.py``'s module docstring (shared with the Redis Cluster engine).
 
 While the engine knows Redis is down, ``subscribe`` and ``publish`` fail at once
 with :class:`BackplaneUnavailable` without touching the network. After a
@@ -43,6 +39,7 @@ from wsbroker.backplane.link import (
     backoff_delay,
     client_options,
     failure,
+    publishing_client,
     redact_url,
     supervise,
 )
@@ -86,7 +83,7 @@ class RedisBackplane(Backplane):
         sub_options, pub_options = client_options(name)
         url_options: dict[str, Any] = dict(parse_url(self._url))
         sub_class: type[AbstractConnection] = url_options.pop("connection_class", Connection)
-        self._pub: Redis = Redis.from_url(self._url, **pub_options)
+        self._pub: Redis = publishing_client(self._url, pub_options)
         # Wanted channels: prefixed Redis name → our name (the reader's lookup
         # table), and → the token of the subscribe call that added it.
         self._names: dict[bytes, str] = {}
