@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import SECRET, Client, ServerProcess, eventually, http_get, make_token
+from tests.helpers import SECRET, WAIT, Client, ServerProcess, eventually, http_get, make_token
 from wsbroker.config import RateLimit
+from wsbroker.outbox import CLOSE_TIMEOUT
 from wsbroker.server import Node
-from wsbroker.session import CLOSE_TIMEOUT
 
 
 async def test_oversized_frame_closes_1009_and_others_are_unaffected(node: Node) -> None:
@@ -194,3 +195,58 @@ async def test_a_client_that_never_reads_again_is_dropped_after_the_cut(
 
         await eventually(dropped, timeout=CLOSE_TIMEOUT + 5)
         assert 'wsbroker_disconnects_total{code="4009"} 1.0' in await metric("disconnects")
+
+
+def _masked_ping(payload: bytes) -> bytes:
+    """A client PING frame (clients must mask, RFC 6455 §5.3)."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    return bytes((0x89, 0x80 | len(payload))) + mask + masked
+
+
+async def test_a_client_flooding_pings_without_reading_is_cut_and_memory_stays_bounded(
+    server_process: Callable[..., ServerProcess],
+) -> None:
+    """No token needed: a raw socket upgrades, then sends PINGs and never reads. The
+    PONGs the node owes count against --max-send-buffer like any frame: the client
+    is cut, the node stops reading it, and a normal client keeps working."""
+    server = server_process("--jwt-secret", SECRET, "--max-send-buffer", "256KiB")
+    assert server.process is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # it never reads
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                 "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    burst = _masked_ping(b"p" * 125) * 1000  # 131 KB of PINGs, 127 KB of PONGs owed
+    rss_before = _rss_kib(server.process.pid)
+    async with Client.connect(server.url, make_token()) as healthy:
+        sent = 0
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(8):  # unbounded queuing would reach ~500 MB by then
+                while True:
+                    writer.write(burst)
+                    # Once the node stops reading us, the kernel's buffers fill and
+                    # this waits: the flood is over.
+                    await asyncio.wait_for(writer.drain(), 2)
+                    sent += len(burst)
+        rss_growth_mib = (_rss_kib(server.process.pid) - rss_before) / 1024
+        assert rss_growth_mib < 24, f"server RSS grew by {rss_growth_mib:.1f} MiB ({sent} B sent)"
+        assert (await healthy.request("ping"))["type"] == "ok"
+
+        async def metrics() -> str:
+            return (await asyncio.to_thread(http_get, server.http + "/metrics"))[2]
+
+        async def cut() -> bool:
+            return "wsbroker_connections 1.0" in await metrics()
+
+        await eventually(cut, timeout=CLOSE_TIMEOUT + 5)
+        text = await metrics()
+        assert 'wsbroker_messages_dropped_total{reason="slow_consumer"} 1.0' in text
+        assert 'wsbroker_disconnects_total{code="4009"} 1.0' in text
+        assert (await healthy.request("ping"))["type"] == "ok"
+    writer.transport.abort()

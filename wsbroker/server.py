@@ -27,12 +27,8 @@ from wsbroker.config import Settings
 from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
-from wsbroker.session import (
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TIMEOUT,
-    NodeServices,
-    Session,
-)
+from wsbroker.outbox import CLOSE_TIMEOUT, Connection
+from wsbroker.session import CLOSE_SERVICE_RESTART, NodeServices, Session
 
 log = logging.getLogger("wsbroker.server")
 
@@ -80,16 +76,17 @@ class Node:
             settings.host,
             settings.port,
             process_request=self._process_request,
+            create_connection=Connection,
             compression="deflate" if settings.compression else None,
             max_size=settings.max_message_size,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
-            # Our frames bypass websockets' flow control (Session.deliver bounds
-            # each client by --max-send-buffer itself), and websockets only ever
-            # writes tiny control frames of its own; they must never wait for the
-            # buffer to drain, or a client that stopped reading would stall its
-            # keepalive ping forever instead of timing out.
+            # Our frames bypass websockets' flow control (each session's Outbox
+            # bounds its client by --max-send-buffer, websockets' own PONGs
+            # included), and websockets' own control frames must never wait for
+            # the buffer to drain, or a client that stopped reading would stall
+            # its keepalive ping forever instead of timing out.
             write_limit=UNBOUNDED_WRITE_LIMIT,
             server_header="wsbroker",
             ssl=_tls_context(settings),

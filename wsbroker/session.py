@@ -2,16 +2,15 @@
 
 Ops from one connection are handled in order, so a client's publishes reach
 the backplane in the order it sent them and its replies come back in order.
-Every frame the server sends goes through :meth:`Session.deliver`, which
-writes without awaiting and cuts a client whose unsent bytes pass
-``--max-send-buffer`` (SPEC §8): a slow reader never slows anyone else and
-never grows memory without bound.
+Every frame the server sends goes through the session's
+:class:`~wsbroker.outbox.Outbox`, which writes without awaiting and cuts a
+client whose unsent bytes pass ``--max-send-buffer`` (SPEC §8): a slow reader
+never slows anyone else and never grows memory without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from wsbroker import protocol
@@ -29,23 +27,18 @@ from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
+from wsbroker.outbox import Connection, Outbox
 from wsbroker.protocol import OpId, ProtocolError
 from wsbroker.ratelimit import OpLimiter
 
 log = logging.getLogger("wsbroker.session")
 
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_RATE_LIMITED = 4008
 CLOSE_SLOW_CONSUMER = 4009
-
-CLOSE_TIMEOUT = 5.0
-"""Seconds a client has to answer our close frame before the connection is dropped."""
-
-EARLY_FLUSH_BYTES = 64 * 1024
-"""Frames queued in one turn beyond this go to the socket at once, so the
-slow-consumer limit keeps measuring what the client has not read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,102 +67,41 @@ class Session:
         self._settings = node.settings
         self._connection = connection
         self._ws = connection.protocol
-        self._transport = connection.transport
-        self._compressed = bool(connection.protocol.extensions)
-        self._max_send_buffer = node.settings.max_send_buffer
         self.identity = identity
         self.address = address
         self.client_id = secrets.token_urlsafe(12)
         self.channels: set[str] = set()
         self._limiter = OpLimiter(node.settings.rate_limit)
-        self._cut = False
-        self._queue: list[bytes] = []
-        self._queued = 0
-        self._flush_scheduled = False
+        self._outbox = Outbox(connection, node.flusher, limit=node.settings.max_send_buffer,
+                              on_overflow=self._cut_slow_consumer,
+                              label=f"client {self.client_id} ({address})")
+        if isinstance(connection, Connection):
+            connection.outbox = self._outbox
         self._expiry: asyncio.TimerHandle | None = None
-        self._closing: asyncio.TimerHandle | None = None
 
-    # -- writing ---------------------------------------------------------------
+    # -- writing (the rules are the Outbox's) -----------------------------------
 
     def deliver(self, message: Outgoing) -> bool:
-        """Queue one frame without awaiting; cut the client if it is too far behind.
-
-        Frames queued in one loop turn leave in one write (see batching.py).
-        The client is checked once per turn, at its first frame: closing, or
-        more than ``--max-send-buffer`` bytes unsent (an O(1) read of the
-        transport's buffer size, with no timer per client). The queue list is
-        reused, so a delivery allocates nothing for the garbage collector.
-        """
-        queue = self._queue
-        if not queue:
-            if self._cut or self._ws.state is not State.OPEN:
-                return False
-            if self._transport.get_write_buffer_size() > self._max_send_buffer:
-                self._cut_slow_consumer()
-                return False
-            if self._compressed:  # a per-connection deflate context: frame it now
-                self._ws.send_text(message.payload)
-                self._connection.send_data()
-                return True
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._node.flusher.schedule(self)
-        queue.append(message.wire)
-        self._queued += len(message.wire)
-        if self._queued >= EARLY_FLUSH_BYTES:  # a big burst: let the kernel take it now
-            self._write_queue()
-        return True
+        """Queue one frame without awaiting (see outbox.py); False if the client is closing."""
+        return self._outbox.put(message)
 
     def flush(self) -> None:
         """Write the frames queued this turn in one system call."""
-        self._flush_scheduled = False
-        if self._queue:
-            self._write_queue()
-
-    def _write_queue(self) -> None:
-        queue = self._queue
-        if self._ws.state is State.OPEN:
-            if len(queue) == 1:
-                self._transport.write(queue[0])
-            else:
-                self._transport.writelines(queue)
-        queue.clear()
-        self._queued = 0
+        self._outbox.flush()
 
     def send(self, payload: bytes) -> None:
-        self.deliver(Outgoing.of(payload))
+        self._outbox.put(Outgoing.of(payload))
 
     def _cut_slow_consumer(self) -> None:
-        self._cut = True
         self._node.metrics.messages_dropped.labels("slow_consumer").inc()
         log.info("client %s (%s) is not reading fast enough: more than %d bytes queued; "
-                 "closing it with 4009", self.client_id, self.address, self._max_send_buffer)
+                 "closing it with 4009", self.client_id, self.address,
+                 self._settings.max_send_buffer)
         self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close_soon(self, code: int, reason: str) -> None:
-        """Start the closing handshake now, from any callback (timers, fan-out, drain).
-
-        The close frame is written straight after whatever is queued, and the
-        connection is aborted if the client has not completed the handshake
-        within :data:`CLOSE_TIMEOUT`. (websockets' own ``close()`` first waits
-        for the send buffer to drain, without a deadline: a client that stopped
-        reading would hold its connection and buffer forever.)
-        """
-        if self._closing is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._closing = loop.call_later(CLOSE_TIMEOUT, self._abort)
-        if self._ws.state is State.OPEN:
-            if self._queue:
-                self._write_queue()
-            self._ws.send_close(code, _fit_close_reason(reason))
-            self._connection.send_data()
-
-    def _abort(self) -> None:
-        if not self._connection.connection_lost_waiter.done():
-            log.info("client %s (%s) did not complete the closing handshake in %.0fs; "
-                     "dropping the connection", self.client_id, self.address, CLOSE_TIMEOUT)
-            self._transport.abort()
+        """Start the closing handshake now, from any callback (see :meth:`Outbox.close`)."""
+        self._outbox.close(code, reason)
 
     async def close(self, code: int, reason: str) -> None:
         self.close_soon(code, reason)
@@ -195,6 +127,10 @@ class Session:
                 await self._handle(frame)
         except ConnectionClosed:
             pass
+        except Exception:
+            # A bug, not the client's fault: say so once, close 1011, count it as such.
+            log.exception("client %s (%s): the session failed", self.client_id, self.address)
+            self.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             await self._release()
 
@@ -245,15 +181,20 @@ class Session:
         )
 
     async def _release(self) -> None:
+        """Give back every channel at once: a client of many channels must not leave
+        one awaited unsubscribe after another (each may wait on the backplane)."""
         if self._expiry is not None:
             self._expiry.cancel()
         hub = self._node.hub
-        for channel in self.channels:
-            with contextlib.suppress(Exception):
-                await hub.unsubscribe(channel, self)
-        self.channels.clear()
-        if self._closing is not None:
-            self._closing.cancel()
+        channels, self.channels = self.channels, set()
+        results = await asyncio.gather(
+            *(hub.unsubscribe(channel, self) for channel in channels), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("releasing a channel of client %s failed: %r",
+                            self.client_id, result)
+        self._outbox.discard()
         self._node.metrics.disconnects.labels(_disconnect_label(self._ws)).inc()
 
     def _require_identity(self) -> Identity:
@@ -372,17 +313,6 @@ class Session:
                 await self._node.hub.unsubscribe(channel, self)
                 self.send(protocol.encode_unsubscribed(channel, "forbidden"))
         return None
-
-
-MAX_CLOSE_REASON_BYTES = 123  # a close frame is a control frame: 125 bytes with the code
-
-
-def _fit_close_reason(reason: str) -> str:
-    """Shorten ``reason`` to what a close frame can carry, on a character boundary."""
-    encoded = reason.encode()
-    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
-        return reason
-    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
 
 
 _KNOWN_CLOSE_CODES = frozenset(
