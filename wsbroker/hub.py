@@ -14,7 +14,6 @@ await.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -90,12 +89,20 @@ class Hub:
         state.joining += 1
         try:
             await asyncio.shield(state.ready)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if state.ready.cancelled() and caller is not None and not caller.cancelling():
+                # Cancelled by close(), not the caller: the node is shutting down.
+                raise BackplaneUnavailable("the node is shutting down") from None
+            raise
         finally:
             state.joining -= 1
             # A failed backplane subscribe is forgotten so the next attempt retries.
             # (A waiter cancelled at shutdown leaves the channel to hub.close().)
             if state.ready.done() and (state.ready.cancelled() or state.ready.exception()):
                 self._forget_if_idle(channel, state)
+        if self._channels.get(channel) is not state:  # close() ran meanwhile
+            raise BackplaneUnavailable("the node is shutting down")
         if subscriber not in state.subscribers:
             state.subscribers[subscriber] = None
             self._subscription_count += 1
@@ -150,10 +157,16 @@ class Hub:
         )
 
     async def close(self) -> None:
-        """Cancel backplane subscriptions still in flight (node shutdown)."""
-        for state in list(self._channels.values()):
-            state.ready.cancel()
-            with contextlib.suppress(BaseException):
-                await state.ready
+        """Node shutdown: cancel backplane subscriptions still in flight, zero the gauges.
+
+        A caller cancelled while waiting here is cancelled (nothing swallows it).
+        """
+        pending = [state.ready for state in self._channels.values() if not state.ready.done()]
         self._channels.clear()
         self._subscription_count = 0
+        self._metrics.channels.set(0)
+        self._metrics.subscriptions.set(0)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

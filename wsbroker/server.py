@@ -108,7 +108,11 @@ class Node:
 
     async def drain(self) -> None:
         """Graceful shutdown (SPEC §8): refuse new clients, close old ones with 1012
-        spread over ``--drain-seconds`` so they do not all reconnect at once, stop."""
+        spread over ``--drain-seconds`` so they do not all reconnect at once, stop.
+
+        A handshake still in flight (a slow key fetch) completes and is closed
+        with 1012 too, and the drain waits for it.
+        """
         self.draining = True
         sessions = list(self.sessions)
         spread = self.settings.drain_seconds
@@ -121,11 +125,9 @@ class Node:
             if delay > 0:
                 await asyncio.sleep(delay)
             session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-        if sessions:
-            closing = [asyncio.ensure_future(session.wait_closed()) for session in sessions]
-            _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
-            for task in late:
-                task.cancel()
+        closing = [connection.connection_lost_waiter for connection in self._admitted]
+        if closing:
+            await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
         await self.stop()
 
     async def stop(self) -> None:
@@ -133,11 +135,16 @@ class Node:
         self.draining = True
         if self._server is not None:
             self._server.close()
+            # Subscribes still waiting on the backplane end now (the clients get
+            # `unavailable`), so their sessions can finish closing.
+            await self.hub.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
         await self.hub.close()
         await self.backplane.stop()
+        self.metrics.connections.set(0)
+        self.metrics.backplane_up.set(0)
         log.info("node %s stopped", self.settings.node_id)
 
     async def __aenter__(self) -> Node:
@@ -218,16 +225,22 @@ class Node:
             return http.text(403, "origin not allowed")
         if settings.max_connections and len(self._admitted) >= settings.max_connections:
             return http.text(503, "node is at its connection limit; try another")
+        # Counted before any await: handshakes waiting on a slow key fetch hold
+        # their place, so --max-connections stays exact.
+        self._admitted.add(connection)
+        self.metrics.connections.set(len(self._admitted))
         token = _handshake_token(request, query)
         if token is not None:
             try:
                 identity = await self.verifier.verify(token)
             except AuthError as exc:
+                self._forget(connection)
                 self.metrics.auth_failures.labels(exc.reason).inc()
                 return http.text(401, str(exc))
+            except BaseException:
+                self._forget(connection)
+                raise
             self._handshake_identity[connection] = identity
-        self._admitted.add(connection)
-        self.metrics.connections.set(len(self._admitted))
         connection.connection_lost_waiter.add_done_callback(
             lambda _: self._forget(connection)
         )
@@ -242,6 +255,8 @@ class Node:
         identity = self._handshake_identity.pop(connection, None)
         session = Session(self.services, connection, identity, self.client_address(connection))
         self.sessions.add(session)
+        if self.draining:  # its handshake was in flight when the drain began
+            session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
         try:
             await session.run()
         finally:
