@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
 
 from tests.helpers import (
@@ -552,3 +553,48 @@ async def test_publish_never_prints_the_redis_password() -> None:
     assert result.returncode == 1
     assert "cannot reach Redis" in result.stderr
     assert "S3cretPassw0rd" not in result.stderr + result.stdout
+
+
+async def test_publish_to_an_unreachable_cluster_fails_clearly() -> None:
+    url = f"redis://127.0.0.1:{free_port()}"
+    run = await cli("publish", "news.x", "1", "--redis-url", url, "--redis-cluster")
+    assert run.returncode == 1, run.stderr
+    assert "cannot reach Redis Cluster" in run.stderr and url in run.stderr
+    assert_no_traceback(run)
+
+
+@pytest.fixture
+async def silent_websocket_server() -> AsyncIterator[str]:
+    """A WebSocket server that accepts the upgrade and then never says a word."""
+    async def handler(connection: ServerConnection) -> None:
+        await connection.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_publish_and_listen_give_up_on_a_node_that_never_welcomes(
+    silent_websocket_server: str,
+) -> None:
+    started = time.monotonic()
+    runs = await asyncio.gather(
+        cli("publish", "news.x", "1", "--url", silent_websocket_server, "--token", "t",
+            "--timeout", "1"),
+        cli("listen", silent_websocket_server, "news.x", "--token", "t", "--timeout", "1"),
+    )
+    assert time.monotonic() - started < 10
+    for run in runs:
+        assert run.returncode == 1, run.stderr
+        assert "sent no welcome within 1 s" in run.stderr
+        assert_no_traceback(run)
+
+
+async def test_listen_gives_up_on_a_server_that_never_answers_the_handshake() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts (backlog), never answers
+        port = mute.getsockname()[1]
+        run = await cli("listen", f"ws://127.0.0.1:{port}/ws", "news.x", "--token", "t",
+                        "--timeout", "1")
+    assert run.returncode == 1, run.stderr
+    assert "no WebSocket handshake within 1 s" in run.stderr
+    assert_no_traceback(run)

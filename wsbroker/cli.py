@@ -115,6 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="node WebSocket URL when there is no Redis "
                               "[WSB_URL, default ws://127.0.0.1:8765/ws]")
     publish.add_argument("--token", default=None, help="token for --url [WSB_TOKEN]")
+    publish.add_argument("--timeout", default="10s",
+                         help="give up when Redis or the node has not answered by then "
+                              "(default 10s)")
     publish.set_defaults(run=_run_publish)
 
     listen = commands.add_parser("listen", help="print a channel's messages", description=(
@@ -124,6 +127,9 @@ def _build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--token", default=None, help="[WSB_TOKEN]")
     listen.add_argument("--count", type=int, default=None,
                         help="exit 0 after this many messages")
+    listen.add_argument("--timeout", default="10s",
+                        help="give up when the node has not welcomed us or confirmed a "
+                             "subscription by then (default 10s)")
     listen.set_defaults(run=_run_listen)
     return parser
 
@@ -368,6 +374,7 @@ def _run_publish(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"the message {exc}") from None
     redis_url = args.redis_url or _env("redis-url")
+    timeout = _timeout(args.timeout)
     from wsbroker import client
 
     coroutine: Coroutine[Any, Any, object]
@@ -377,13 +384,14 @@ def _run_publish(args: argparse.Namespace) -> int:
                               "or unix:// URL")
         prefix = args.redis_prefix or _env("redis-prefix") or "ws:"
         cluster = args.redis_cluster or parse_bool(_env("redis-cluster") or "false")
-        coroutine = client.publish_redis(redis_url, prefix, args.channel, data, cluster=cluster)
+        coroutine = client.publish_redis(redis_url, prefix, args.channel, data, cluster=cluster,
+                                         step_timeout=timeout)
     else:
         url = args.url or _env("url") or "ws://127.0.0.1:8765/ws"
         token = args.token or _env("token")
         if not token:
             raise ConfigError("publish: set --redis-url, or --token (WSB_TOKEN) for --url")
-        coroutine = client.publish_websocket(url, token, args.channel, data)
+        coroutine = client.publish_websocket(url, token, args.channel, data, step_timeout=timeout)
     return _run_client(coroutine)
 
 
@@ -396,7 +404,16 @@ def _run_listen(args: argparse.Namespace) -> int:
         raise ConfigError(f"{bad[0]!r} is not a valid channel name")
     from wsbroker import client
 
-    return _run_client(client.listen(args.url, token, args.channels, args.count))
+    timeout = _timeout(args.timeout)
+    return _run_client(client.listen(args.url, token, args.channels, args.count,
+                                     step_timeout=timeout))
+
+
+def _timeout(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ConfigError(f"--timeout must be more than zero, not {text!r}")
+    return seconds
 
 
 def _run_client(coroutine: Any) -> int:

@@ -6,17 +6,21 @@ message to the Redis backplane exactly as any other backend would.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wsbroker.backplane.link import redact_url
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds each step (reach Redis or the node, its welcome, each reply) may take."""
 
 
 class ClientError(Exception):
@@ -32,37 +36,45 @@ async def publish(
 
 
 async def publish_redis(
-    redis_url: str, prefix: str, channel: str, data: bytes, *, cluster: bool = False
+    redis_url: str, prefix: str, channel: str, data: bytes, *, cluster: bool = False,
+    step_timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
-    options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    options: dict[str, Any] = {"socket_connect_timeout": min(step_timeout, 5),
+                               "socket_timeout": min(step_timeout, 5)}
+    where = f"Redis{' Cluster' if cluster else ''} at {redact_url(redis_url)}"
     client = (redis.RedisCluster if cluster else redis.Redis).from_url(redis_url, **options)
     try:
-        if isinstance(client, redis.RedisCluster):
-            receivers: int = await client.spublish(prefix + channel, data)
-        else:
-            receivers = await client.publish(prefix + channel, data)
-    except RedisError as exc:
-        raise ClientError(f"cannot reach Redis at {redact_url(redis_url)}: {exc}") from None
+        async with asyncio.timeout(step_timeout):
+            if isinstance(client, redis.RedisCluster):
+                receivers: int = await client.spublish(prefix + channel, data)
+            else:
+                receivers = await client.publish(prefix + channel, data)
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise ClientError(f"cannot reach {where}: {exc}") from None
+    except TimeoutError:
+        raise ClientError(f"cannot reach {where}: no answer within {step_timeout:g} s") from None
     finally:
         await client.aclose()
     return receivers
 
 
-async def publish_websocket(url: str, token: str, channel: str, data: bytes) -> None:
+async def publish_websocket(url: str, token: str, channel: str, data: bytes, *,
+                            step_timeout: float = DEFAULT_TIMEOUT) -> None:
     """Publish through a node as a client (needs a token with a ``publish`` claim)."""
-    async with _connect(url, token) as connection:
+    async with _connect(url, token, step_timeout) as connection:
         frame = b'{"op":"publish","id":1,"channel":' + orjson.dumps(channel)
         await connection.send(frame + b',"data":' + data + b"}", text=True)
-        await _expect_ok(connection, 1)
+        await _expect_ok(connection, 1, step_timeout)
 
 
-async def listen(url: str, token: str, channels: Sequence[str], count: int | None) -> None:
+async def listen(url: str, token: str, channels: Sequence[str], count: int | None, *,
+                 step_timeout: float = DEFAULT_TIMEOUT) -> None:
     """Subscribe and print one JSON line per message until closed (or ``count`` seen)."""
-    async with _connect(url, token) as connection:
+    async with _connect(url, token, step_timeout) as connection:
         for index, channel in enumerate(channels, start=1):
             await connection.send(orjson.dumps({"op": "subscribe", "id": index,
                                                 "channel": channel}).decode())
-            await _expect_ok(connection, index)
+            await _expect_ok(connection, index, step_timeout)
         seen = 0
         while count is None or seen < count:
             try:
@@ -78,8 +90,8 @@ async def listen(url: str, token: str, channels: Sequence[str], count: int | Non
 class _connect:
     """``connect()`` with the token in the Authorization header and human errors."""
 
-    def __init__(self, url: str, token: str) -> None:
-        self._url, self._token = url, token
+    def __init__(self, url: str, token: str, step_timeout: float) -> None:
+        self._url, self._token, self._timeout = url, token, step_timeout
         self._connection: ClientConnection | None = None
 
     async def __aenter__(self) -> ClientConnection:
@@ -87,10 +99,10 @@ class _connect:
             self._connection = await connect(
                 self._url,
                 additional_headers={"Authorization": f"Bearer {self._token}"},
-                open_timeout=10,
+                open_timeout=self._timeout,
+                close_timeout=min(self._timeout, 2.0),
                 compression=None,
             )
-            welcome = orjson.loads(await self._connection.recv())
         except InvalidURI:
             raise ClientError(f"{self._url!r} is not a ws:// or wss:// URL") from None
         except InvalidStatus as exc:
@@ -102,9 +114,25 @@ class _connect:
             raise ClientError(f"{self._url} did not answer as a WebSocket server: {exc}") from None
         except ConnectionClosed as exc:
             raise ClientError(f"connection closed by the server: {_closed(exc)}") from None
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError:
+            raise ClientError(f"cannot connect to {self._url}: no WebSocket handshake within "
+                              f"{self._timeout:g} s") from None
+        except OSError as exc:
             raise ClientError(f"cannot connect to {self._url}: {exc}") from None
-        if welcome.get("type") != "welcome":
+        try:
+            async with asyncio.timeout(self._timeout):
+                welcome = orjson.loads(await self._connection.recv())
+        except TimeoutError:
+            await self._connection.close()
+            raise ClientError(f"{self._url} sent no welcome within {self._timeout:g} s: "
+                              "is it a wsbroker node?") from None
+        except ConnectionClosed as exc:
+            raise ClientError(f"connection closed by the server: {_closed(exc)}") from None
+        except orjson.JSONDecodeError:
+            await self._connection.close()
+            raise ClientError(f"{self._url} is not a wsbroker node: its first frame is "
+                              "not JSON") from None
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
             raise ClientError(f"unexpected first frame from the server: {welcome}")
         return self._connection
 
@@ -113,12 +141,15 @@ class _connect:
             await self._connection.close()
 
 
-async def _expect_ok(connection: ClientConnection, op_id: int) -> None:
+async def _expect_ok(connection: ClientConnection, op_id: int, step_timeout: float) -> None:
     while True:
         try:
-            reply = orjson.loads(await connection.recv())
+            async with asyncio.timeout(step_timeout):
+                reply = orjson.loads(await connection.recv())
         except ConnectionClosed as exc:
             raise ClientError(f"connection closed by the server: {_closed(exc)}") from None
+        except TimeoutError:
+            raise ClientError(f"no reply from the server within {step_timeout:g} s") from None
         if reply.get("id") != op_id:
             continue
         if reply.get("type") == "error":
