@@ -226,9 +226,17 @@ async def test_a_killed_shard_comes_back_and_the_others_never_stop(
             # The dead shard's channels fail fast; the WebSocket stays open.
             reply = await client.request("publish", channel=lost, data="x")
             assert reply["type"] == "error" and reply["code"] == "unavailable"
-            fresh = cluster.names_per_shard("fresh", PREFIX)[cluster.nodes.index(victim)]
+            fresh_names = cluster.names_per_shard("fresh", PREFIX)
+            fresh = fresh_names[cluster.nodes.index(victim)]
             reply = await client.request("subscribe", channel=fresh)
             assert reply["type"] == "error" and reply["code"] == "unavailable"
+            # New subscriptions on the healthy shards are served as usual.
+            for healthy in (name for name in fresh_names if name != fresh):
+                reply = await client.request("subscribe", channel=healthy)
+                assert reply["type"] == "ok", reply
+                assert await cluster_spublish(cluster, healthy, '"new"') == 1
+                assert await client.next_message() == {
+                    "type": "message", "channel": healthy, "data": "new"}
         finally:
             victim.start()  # same port, same dir: it reloads nodes.conf
         await asyncio.to_thread(cluster.wait_ok)
@@ -394,6 +402,35 @@ async def test_subscribe_returns_confirmed_and_a_cancelled_one_is_dropped(
     await bare.publish("after", b"y")
     await eventually(lambda: ("after", b"y") in rec.messages)
     assert [m for m in rec.messages if m[0] == "abandoned"] == []
+
+
+async def test_a_channel_unsubscribed_while_it_is_rerouted_stays_unsubscribed(
+    cluster: LocalCluster, engine: tuple[ClusterBackplane, Recorder],
+) -> None:
+    """The keeper re-routes a channel whose slot changed owner while the client
+    unsubscribes it: the re-route must not resurrect it (a leaked SSUBSCRIBE)."""
+    from redis.crc import key_slot
+
+    bare, _ = engine
+    channel = "rerouted"
+    key = (PREFIX + channel).encode()
+    await bare.subscribe(channel)
+    source = bare._owner[key]
+    other = next(shard for shard in bare._shards.values() if shard is not source)
+    link = source.link
+    assert link is not None and bare._slots is not None
+    # The map now gives the slot to another master, while the old one kept our
+    # subscription (a failover that master did not witness, say).
+    bare._slots[key_slot(key)] = other.name
+    async with link.lock:  # the re-route waits here to drop the channel from the source
+        rerouting = asyncio.ensure_future(bare._reroute())
+        for _ in range(3):  # let it run up to the lock (no clock involved)
+            await asyncio.sleep(0)
+        unsubscribing = asyncio.ensure_future(bare.unsubscribe(channel))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(rerouting, unsubscribing), 5)
+    assert key not in bare._owner and channel not in bare.channels
+    assert cluster.shardnumsub(PREFIX + channel) == {PREFIX + channel: 0}
 
 
 async def test_a_silent_shard_is_detected_by_ping_and_the_others_keep_working(

@@ -79,8 +79,9 @@ class Hub:
         Raises :class:`~wsbroker.backplane.BackplaneUnavailable` when the
         backplane cannot subscribe now; nothing is left half-done then.
         """
-        if not self._backplane.is_up:  # even for a channel held: it may be missing messages
-            raise BackplaneUnavailable("the backplane is down")
+        # Even for a channel held here: it may be missing messages.
+        if not self._backplane.can_subscribe(channel):
+            raise BackplaneUnavailable("the backplane is down for this channel")
         state = self._channels.get(channel)
         if state is None:
             task = asyncio.ensure_future(self._backplane.subscribe(channel))

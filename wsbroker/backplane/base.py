@@ -9,7 +9,10 @@ subscribers, and relies on three promises:
   channel, with the payload bytes exactly as published;
 * while the engine is down, ``subscribe`` and ``publish`` raise
   :class:`BackplaneUnavailable`, ``unsubscribe`` never fails, and the engine
-  re-subscribes every channel it holds once it is back.
+  re-subscribes every channel it holds once it is back;
+* ``can_subscribe(channel)`` says whether a subscribe of that channel can
+  succeed now. It is per channel: a Redis Cluster with one master down still
+  serves the channels of the others.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class Backplane(abc.ABC):
     @abc.abstractmethod
     def is_up(self) -> bool:
         """True while subscribes and publishes can succeed."""
+
+    def can_subscribe(self, channel: str) -> bool:
+        """True while ``channel`` can be subscribed (and, if held, is being received)."""
+        return self.is_up
 
     @abc.abstractmethod
     async def start(self) -> None:

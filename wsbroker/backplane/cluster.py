@@ -41,9 +41,10 @@ uses the subscriber link it shares with redis.py (link.py), once per shard:
 ``is_up``: True while the slot map is known and the subscriber link to every
 master is connected. One shard down makes the engine report down (``/readyz``
 503, as for a lost single Redis), but the engine stays partially useful:
-``subscribe`` and ``publish`` fail with :class:`BackplaneUnavailable` only for
-channels whose slot lives on a shard that is down; channels on the other shards
-keep working and keep delivering. ``unsubscribe`` never fails.
+``can_subscribe``, ``subscribe`` and ``publish`` fail (False,
+:class:`BackplaneUnavailable`) only for channels whose slot lives on a shard
+that is down; channels on the other shards keep working and keep delivering,
+new subscriptions included. ``unsubscribe`` never fails.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ class ClusterBackplane(Backplane):
     @property
     def is_up(self) -> bool:
         return self._up
+
+    def can_subscribe(self, channel: str) -> bool:
+        """True while the map is known and the link to ``channel``'s master is up."""
+        if not self._running or self._slots is None:
+            return False
+        try:
+            return self._shard_for(self._prefix + channel.encode()).up
+        except BackplaneUnavailable:
+            return False
 
     @property
     def channels(self) -> frozenset[str]:
@@ -438,6 +448,8 @@ class ClusterBackplane(Backplane):
                 log.info("channel %s moved from shard %s to %s",
                          self._names.get(key, key), shard.name, owner.name)
                 await self._drop_from(shard, key)
+                if self._owner.get(key) is not shard:
+                    continue  # unsubscribed (or subscribed afresh) while we waited
             self._owner[key] = owner
             self._orphans.pop(key, None)
             moves.setdefault(owner, []).append(key)
@@ -447,10 +459,13 @@ class ClusterBackplane(Backplane):
             if link is None:
                 continue  # its supervisor re-subscribes everything on connect
             for start in range(0, len(keys), RESUBSCRIBE_CHUNK):
-                chunk = keys[start:start + RESUBSCRIBE_CHUNK]
                 with contextlib.suppress(BackplaneUnavailable):
                     async with link.lock:
-                        if not link.dead:
+                        # Only what is still wanted here: a channel unsubscribed
+                        # while we waited for the lock must not be resurrected.
+                        chunk = [key for key in keys[start:start + RESUBSCRIBE_CHUNK]
+                                 if self._owner.get(key) is shard]
+                        if chunk and not link.dead:
                             await shard.sub.subscribe_many(link, chunk, None)
         self._recompute_up()
         return unresolved
