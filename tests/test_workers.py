@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -130,3 +135,96 @@ async def test_dev_workers_share_the_printed_token(
                 clients.append(await stack.enter_async_context(
                     Client.connect(server.url, tokens[0])))
         assert nodes_of(clients) == {"dv-1", "dv-2"}
+
+
+def worker_pids(server: ServerProcess) -> dict[str, list[int]]:
+    """Each worker's pids, in start order, from the parent's log."""
+    pids: dict[str, list[int]] = {}
+    for node_id, pid in re.findall(r"worker (\S+) started \(pid (\d+)\)", server.stderr):
+        pids.setdefault(node_id, []).append(int(pid))
+    return pids
+
+
+async def scrape(server: ServerProcess) -> str:
+    return (await asyncio.to_thread(http_get, server.http + "/metrics"))[2]
+
+
+async def test_a_killed_worker_is_restarted_and_its_gauges_go_with_it(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess]
+) -> None:
+    server = server_process("--workers", "2", "--redis-url", redis_server.url,
+                            "--jwt-secret", SECRET, "--node-id", "wk", "--drain-seconds", "0.2")
+    async with contextlib.AsyncExitStack() as stack:
+        clients: list[Client] = []
+        async with asyncio.timeout(15):
+            while len(nodes_of(clients)) < 2:
+                clients.append(await stack.enter_async_context(
+                    Client.connect(server.url, make_token())))
+        victims = [c for c in clients if c.welcome and c.welcome["node"] == "wk-1"]
+        survivors = [c for c in clients if c not in victims]
+        await eventually(lambda: len(worker_pids(server).get("wk-1", [])) == 1)
+        (victim_pid,) = worker_pids(server)["wk-1"]
+        os.kill(victim_pid, signal.SIGKILL)  # no drain, no goodbye: a crash
+        for client in victims:
+            assert (await client.closed())[0] is None  # no close frame: the process died
+
+        # Restarted (logged, with a backoff), and the dead worker's connections are
+        # no longer counted, whichever worker answers the scrape.
+        await eventually(lambda: len(worker_pids(server).get("wk-1", [])) == 2, timeout=10)
+        assert f"worker wk-1 (pid {victim_pid}) was killed by SIGKILL; restarting it in" in (
+            server.stderr)
+
+        async def counted_right() -> bool:
+            scrapes = [await scrape(server) for _ in range(4)]  # both workers answer some
+            return all(gauge(text, "wsbroker_connections") == len(survivors)
+                       for text in scrapes)
+
+        await eventually(counted_right, timeout=10)
+        async with asyncio.timeout(15):  # the new wk-1 takes clients
+            while "wk-1" not in nodes_of(clients[len(victims) + len(survivors):]):
+                clients.append(await stack.enter_async_context(
+                    Client.connect(server.url, make_token())))
+        server.signal()
+    assert await asyncio.to_thread(server.wait, 15) == 0
+
+
+def test_workers_that_keep_crashing_make_the_parent_give_up_with_exit_1(
+    redis_server: RedisServer,
+) -> None:
+    """Every worker dies at start (the port is held by a socket without SO_REUSEPORT)."""
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        port = squatter.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "wsbroker", "serve", "--workers", "2", "--port", str(port),
+             "--redis-url", redis_server.url, "--jwt-secret", SECRET, "--node-id", "cr"],
+            capture_output=True, text=True, timeout=60, env=clean_env(),
+        )
+    assert result.returncode == 1, result.stderr
+    assert "restarting it in" in result.stderr
+    assert "giving up" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_while_workers_start_still_drains_and_exits_0(tmp_path: Path) -> None:
+    """The workers' Redis accepts connections and never answers, so they are still
+    starting (for up to 10 s) when the SIGTERM comes."""
+    with socket.create_server(("127.0.0.1", 0)) as mute_redis:
+        url = f"redis://127.0.0.1:{mute_redis.getsockname()[1]}"
+        server = ServerProcess("--workers", "2", "--redis-url", url, "--jwt-secret", SECRET,
+                               "--node-id", "st", env=clean_env(), tmp=tmp_path)
+        server.start(wait_ready=False)
+        assert server.process is not None
+        held: list[socket.socket] = []
+        try:
+            mute_redis.settimeout(15)
+            for _ in range(2):  # both workers are inside their node's start-up
+                held.append(mute_redis.accept()[0])
+            started = time.monotonic()
+            server.signal()
+            assert server.wait(15) == 0, server.stderr
+            assert time.monotonic() - started < 5
+        finally:
+            server.stop()
+            for connection in held:
+                connection.close()
+    assert "Traceback" not in server.stderr
