@@ -23,11 +23,11 @@ uses the subscriber link it shares with redis.py (link.py), once per shard:
   subscribed; the number of links is bounded by the masters). Each link is a
   :class:`~wsbroker.backplane.link.SubscriberLink` speaking sharded pub/sub:
   RESP2, no read timeout, one reader task, a FIFO of the replies it expects, a
-  PING watchdog, reconnect with backoff (100 ms doubling to 5 s, jitter) and
-  re-subscribe of that shard's channels, one SSUBSCRIBE per channel (one slot
+  PING watchdog, reconnect with backoff and re-subscribe of that shard's
+  channels (timeouts and why: README.md, "Redis connection settings"), one SSUBSCRIBE per channel (one slot
   each, or Redis answers CROSSSLOT). Shards fail and recover independently.
-* **Publishing**: ``SPUBLISH`` on a small pool per master (3 s timeout, no
-  redis-py retries), routed by our slot map; a MOVED reply updates the map and
+* **Publishing**: ``SPUBLISH`` on a small blocking pool per master, routed by
+  our slot map; a MOVED reply updates the map and
   is followed (at most twice).
 * **Slot migration and failover**: when a slot's owner changes, the old owner
   drops our subscriptions itself and pushes ``sunsubscribe`` for each; we

@@ -5,28 +5,12 @@ The Redis engine (classic pub/sub) keeps one link; the Redis Cluster engine
 :class:`Dialect` (command names, channels per command, MOVED) and a few
 :class:`Hooks` (which channels are wanted, what a lost link means).
 
-Timeouts, and why (redis-py 8 changed the defaults under us):
-
-* **Subscriber connection: no read timeout** (``socket_timeout=None``, reads
-  with ``math.inf``). redis-py 8 defaults ``socket_timeout`` to 5 s, which makes
-  an idle pub/sub reader fail after 5 quiet seconds. Liveness comes from our
-  own check instead: after the engine's ``ping_interval`` (5 s) with nothing
-  received we send ``PING`` on the subscriber connection and declare Redis
-  lost if no reply arrives within its ``ping_timeout`` (3 s). A Redis that dies
-  or restarts closes the socket and is noticed at once; a silent network
-  partition is noticed within about 8 s. TCP keepalive stays on (redis-py
-  default) as a second line for the OS.
-* **Connect: 3 s** (``socket_connect_timeout``), and the whole connect +
-  handshake + re-subscribe sequence is bounded by 10 s, so a half-open Redis
-  cannot wedge the reconnect loop.
-* **Publishing clients: 3 s** per command, **no redis-py retries** (its default
-  of 10 retries with backoff would make a publish hang for seconds during an
-  outage), on a **blocking pool** of :data:`PUBLISH_POOL_SIZE` connections: a
-  burst of publishes wider than the pool waits up to 3 s for a free connection
-  instead of failing (redis-py's default pool raises past its size).
-* **Reconnect**: exponential backoff from 100 ms doubling to a 5 s cap, with
-  equal jitter (half fixed, half random) so a fleet of nodes does not reconnect
-  in lock-step and never spins with a zero delay.
+Timeouts (the constants below): no read timeout on the subscriber, which is
+PINGed after ``ping_interval`` of silence and lost after ``ping_timeout`` more;
+connect 3 s, connect + handshake + re-subscribe 10 s; publish 3 s, no redis-py
+retries, on a blocking pool of :data:`PUBLISH_POOL_SIZE`; reconnect backoff
+100 ms doubling to 5 s with equal jitter. Why each is what it is is told once,
+for users and readers alike: README.md, "Redis connection settings".
 
 Design: one reader task owns the subscriber connection and reads every reply.
 Redis answers (S)SUBSCRIBE/(S)UNSUBSCRIBE/PING in the order they were sent, so
