@@ -2,8 +2,8 @@
 
 A burst read from Redis fans out many messages in one loop turn; writing each
 frame to each socket would cost one ``send()`` per frame per client, and that
-kernel work dominates fan-out. Instead a session queues frames in a list and
-registers itself here once; at the end of the turn every queued list is
+kernel work dominates fan-out. Instead a session's outbox (outbox.py) queues
+frames in a list and registers itself here once; at the end of the turn every queued list is
 written with one ``writelines`` call per client.
 """
 

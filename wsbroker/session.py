@@ -85,10 +85,6 @@ class Session:
         """Queue one frame without awaiting (see outbox.py); False if the client is closing."""
         return self._outbox.put(message)
 
-    def flush(self) -> None:
-        """Write the frames queued this turn in one system call."""
-        self._outbox.flush()
-
     def send(self, payload: bytes) -> None:
         self._outbox.put(Outgoing.of(payload))
 

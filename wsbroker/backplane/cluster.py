@@ -24,8 +24,9 @@ uses the subscriber link it shares with redis.py (link.py), once per shard:
   :class:`~wsbroker.backplane.link.SubscriberLink` speaking sharded pub/sub:
   RESP2, no read timeout, one reader task, a FIFO of the replies it expects, a
   PING watchdog, reconnect with backoff and re-subscribe of that shard's
-  channels (timeouts and why: README.md, "Redis connection settings"), one SSUBSCRIBE per channel (one slot
-  each, or Redis answers CROSSSLOT). Shards fail and recover independently.
+  channels (timeouts and why: README.md, "Redis connection settings"), one
+  SSUBSCRIBE per channel (one slot each, or Redis answers CROSSSLOT). Shards
+  fail and recover independently.
 * **Publishing**: ``SPUBLISH`` on a small blocking pool per master, routed by
   our slot map; a MOVED reply updates the map and
   is followed (at most twice).
