@@ -57,7 +57,7 @@ class Loadgen:
                 channel_name,
                 "--concurrency",
                 str(concurrency),
-                *(["--token-secret", token_secret] if token_secret else []),
+                *([f"--token-secret={token_secret}"] if token_secret else []),
             ],
             LOAD_CPU,
         )

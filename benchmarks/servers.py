@@ -52,8 +52,7 @@ def _wsbroker_cmd(port: int, redis_port: int, secret: str) -> list[str]:
         str(port),
         "--redis-url",
         f"redis://127.0.0.1:{redis_port}",
-        "--jwt-secret",
-        secret,
+        f"--jwt-secret={secret}",  # a secret may start with "-"
         "--rate-limit",
         "0",
         "--max-connections",
