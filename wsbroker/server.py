@@ -135,13 +135,13 @@ class Node:
         self.draining = True
         if self._server is not None:
             self._server.close()
-            # Subscribes still waiting on the backplane end now (the clients get
-            # `unavailable`), so their sessions can finish closing.
-            await self.hub.close()
+        # Subscribes still waiting on the backplane end now, so their sessions
+        # can finish closing instead of holding the shutdown up.
+        await self.hub.close()
+        if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
-        await self.hub.close()
         await self.backplane.stop()
         self.metrics.connections.set(0)
         self.metrics.backplane_up.set(0)
