@@ -63,6 +63,7 @@ class Hub:
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
+        self._closed = False
         self._log_invalid = Throttled(log, logging.WARNING)
 
     @property
@@ -79,6 +80,8 @@ class Hub:
         Raises :class:`~wsbroker.backplane.BackplaneUnavailable` when the
         backplane cannot subscribe now; nothing is left half-done then.
         """
+        if self._closed:
+            raise BackplaneUnavailable("the node is shutting down")
         # Even for a channel held here: it may be missing messages.
         if not self._backplane.can_subscribe(channel):
             raise BackplaneUnavailable("the backplane is down for this channel")
@@ -102,7 +105,7 @@ class Hub:
             # (A waiter cancelled at shutdown leaves the channel to hub.close().)
             if state.ready.done() and (state.ready.cancelled() or state.ready.exception()):
                 self._forget_if_idle(channel, state)
-        if self._channels.get(channel) is not state:  # close() ran meanwhile
+        if self._closed:  # close() ran meanwhile
             raise BackplaneUnavailable("the node is shutting down")
         if subscriber not in state.subscribers:
             state.subscribers[subscriber] = None
@@ -162,6 +165,7 @@ class Hub:
 
         A caller cancelled while waiting here is cancelled (nothing swallows it).
         """
+        self._closed = True
         pending = [state.ready for state in self._channels.values() if not state.ready.done()]
         self._channels.clear()
         self._subscription_count = 0
