@@ -59,8 +59,6 @@ _HMAC_ALGORITHMS = {
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp256k1": "ES256K", "secp384r1": "ES384",
                   "secp521r1": "ES512"}
-KNOWN_ALGORITHMS = frozenset(
-    {*_HMAC_ALGORITHMS, *_RSA_ALGORITHMS, *_EC_ALGORITHMS.values(), "EdDSA"})
 
 
 class AuthError(Exception):
