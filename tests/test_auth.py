@@ -505,3 +505,27 @@ async def test_an_exp_beyond_exact_json_numbers_is_refused(node: Node) -> None:
     token = make_token(ttl=10**30)
     reason = assert_plain_401(await refused(ws_url(node), token))
     assert "exp" in reason
+
+
+# -- size caps on permission claims --------------------------------------------------------
+
+
+async def test_permission_claim_with_too_many_patterns_is_refused(node: Node) -> None:
+    """A `channels` claim over 256 patterns is refused like any invalid token, saying why."""
+    token = sign_claims({"sub": "alice", "channels": [f"c.{i}" for i in range(257)]})
+    reason = assert_plain_401(await refused(ws_url(node), token, how="header"))
+    assert "'channels' has 257 patterns; at most 256 are allowed" in reason
+    at_cap = sign_claims({"sub": "alice", "publish": [f"c.{i}" for i in range(256)]})
+    async with Client.connect(ws_url(node), at_cap, how="header") as client:
+        assert (await client.request("publish", channel="c.255", data=1))["type"] == "ok"
+
+
+async def test_permission_claim_with_too_much_pattern_text_is_refused(node: Node) -> None:
+    """`publish` patterns totalling over 8 KiB of text are refused (first-message auth,
+    since such a token is too big for a header): close 4001 with the reason."""
+    token = sign_claims({"sub": "alice", "publish": [f"{i:03d}" + "x" * 247 for i in range(40)]})
+    async with Client.connect(ws_url(node), how="none") as client:
+        await client.send({"op": "auth", "token": token})
+        code, reason = await client.closed()
+    assert code == CLOSE_UNAUTHORIZED
+    assert reason.startswith("token permission claims are invalid: 'publish' has 10000 char")
