@@ -386,6 +386,20 @@ def test_kubernetes_manifests_are_consistent(manifests: dict[str, dict[str, Any]
     assert all(b["port"].get("name") == service_port["name"] for b in backends)
 
 
+def test_ingress_routes_only_public_paths_and_logs_no_token(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    """/metrics (and the probes) never reach the internet; the ingress-nginx access log,
+    whose default format carries `/ws?token=…`, is off for this Ingress."""
+    ingress = manifests["Ingress"]
+    paths = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert {path["pathType"] for path in paths} == {"Exact"}
+    assert "/ws" in {path["path"] for path in paths}
+    assert not {path["path"] for path in paths} & {"/", "/metrics", "/healthz", "/readyz"}
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+
+
 def test_compose_file_is_consistent() -> None:
     (compose,) = load_yaml(DEPLOY / "docker-compose.yml")
     services = compose["services"]
