@@ -172,6 +172,10 @@ def _bad_tokens() -> dict[str, str]:
         "invalid publish pattern": sign_claims({"sub": "alice", "publish": ["a..b"]}),
         "misplaced > in publish": sign_claims({"sub": "alice", "publish": ["a.>.b"]}),
         "not a JWT": "this-is-not-a-jwt",
+        "issued in an hour": make_token(iat=now + 3600),
+        "exp not a number": sign_claims({"sub": "alice", "exp": "tomorrow"}),
+        "payload not an object": hand_made_token(
+            {"alg": "HS256", "typ": "JWT"}, ["sub", "alice"], SECRET.encode()),  # type: ignore[arg-type]
     }
 
 
@@ -294,6 +298,14 @@ async def test_audience_and_issuer_checked_only_when_configured(
     lax = await start_node()
     async with Client.connect(ws_url(lax), make_token(aud="anything", iss="whoever")) as c:
         assert c.welcome is not None and c.welcome["user"] == "alice"
+
+
+async def test_audience_may_be_a_list_containing_ours(start_node: NodeFactory) -> None:
+    """RFC 7519: `aud` may list several audiences; ours among them is enough."""
+    node = await start_node(jwt_audience="wsbroker")
+    async with Client.connect(ws_url(node), make_token(aud=["billing", "wsbroker"])):
+        pass
+    assert_plain_401(await refused(ws_url(node), make_token(aud=["billing", "other"])))
 
 
 # -- close 4001 -----------------------------------------------------------------------------
