@@ -367,11 +367,14 @@ async def test_jwks_is_fetched_at_start_and_readiness_waits_for_it(
     assert jwks.requests == 1
 
 
-async def test_node_without_usable_jwks_keys_is_not_ready(start_node: NodeFactory) -> None:
+async def test_node_without_usable_jwks_keys_is_not_ready(
+    start_node: NodeFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
     """A JWKS that cannot be fetched keeps /readyz at 503 (no token could verify);
     the process stays alive (/healthz 200)."""
     node = await jwks_node(start_node, f"http://127.0.0.1:{free_port()}/jwks.json")
-    await asyncio.sleep(0.3)  # the failed first fetch; nothing to await from outside
+    await eventually(lambda: "JWKS fetch from" in caplog.text)  # the first fetch failed
+    assert "keeping 0 cached keys" in caplog.text
     assert await readyz(node) == 503
     assert (await asyncio.to_thread(http_get, http_url(node) + "/healthz"))[0] == 200
 
