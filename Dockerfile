@@ -62,7 +62,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
 
 # SIGTERM starts the graceful drain: /readyz turns 503, clients are closed with
 # 1012 spread over --drain-seconds, then the process exits 0. Give the
-# container a stop timeout above drain-seconds + 5 (docker stop -t,
+# container a stop timeout above drain-seconds + 15 (docker stop -t,
 # compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 

@@ -172,6 +172,10 @@ def _bad_tokens() -> dict[str, str]:
         "invalid publish pattern": sign_claims({"sub": "alice", "publish": ["a..b"]}),
         "misplaced > in publish": sign_claims({"sub": "alice", "publish": ["a.>.b"]}),
         "not a JWT": "this-is-not-a-jwt",
+        "issued in an hour": make_token(iat=now + 3600),
+        "exp not a number": sign_claims({"sub": "alice", "exp": "tomorrow"}),
+        "payload not an object": hand_made_token(
+            {"alg": "HS256", "typ": "JWT"}, ["sub", "alice"], SECRET.encode()),  # type: ignore[arg-type]
     }
 
 
@@ -294,6 +298,14 @@ async def test_audience_and_issuer_checked_only_when_configured(
     lax = await start_node()
     async with Client.connect(ws_url(lax), make_token(aud="anything", iss="whoever")) as c:
         assert c.welcome is not None and c.welcome["user"] == "alice"
+
+
+async def test_audience_may_be_a_list_containing_ours(start_node: NodeFactory) -> None:
+    """RFC 7519: `aud` may list several audiences; ours among them is enough."""
+    node = await start_node(jwt_audience="wsbroker")
+    async with Client.connect(ws_url(node), make_token(aud=["billing", "wsbroker"])):
+        pass
+    assert_plain_401(await refused(ws_url(node), make_token(aud=["billing", "other"])))
 
 
 # -- close 4001 -----------------------------------------------------------------------------
@@ -505,3 +517,27 @@ async def test_an_exp_beyond_exact_json_numbers_is_refused(node: Node) -> None:
     token = make_token(ttl=10**30)
     reason = assert_plain_401(await refused(ws_url(node), token))
     assert "exp" in reason
+
+
+# -- size caps on permission claims --------------------------------------------------------
+
+
+async def test_permission_claim_with_too_many_patterns_is_refused(node: Node) -> None:
+    """A `channels` claim over 256 patterns is refused like any invalid token, saying why."""
+    token = sign_claims({"sub": "alice", "channels": [f"c.{i}" for i in range(257)]})
+    reason = assert_plain_401(await refused(ws_url(node), token, how="header"))
+    assert "'channels' has 257 patterns; at most 256 are allowed" in reason
+    at_cap = sign_claims({"sub": "alice", "publish": [f"c.{i}" for i in range(256)]})
+    async with Client.connect(ws_url(node), at_cap, how="header") as client:
+        assert (await client.request("publish", channel="c.255", data=1))["type"] == "ok"
+
+
+async def test_permission_claim_with_too_much_pattern_text_is_refused(node: Node) -> None:
+    """`publish` patterns totalling over 8 KiB of text are refused (first-message auth,
+    since such a token is too big for a header): close 4001 with the reason."""
+    token = sign_claims({"sub": "alice", "publish": [f"{i:03d}" + "x" * 247 for i in range(40)]})
+    async with Client.connect(ws_url(node), how="none") as client:
+        await client.send({"op": "auth", "token": token})
+        code, reason = await client.closed()
+    assert code == CLOSE_UNAUTHORIZED
+    assert reason.startswith("token permission claims are invalid: 'publish' has 10000 char")

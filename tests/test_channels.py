@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from wsbroker.channels import InvalidPattern, Pattern, PatternSet, is_valid_channel
@@ -63,3 +65,24 @@ def test_pattern_set_grants_any_match_and_empty_grants_nothing() -> None:
     assert not PatternSet.parse([]).matches("anything")
     with pytest.raises(InvalidPattern):
         PatternSet.parse(["ok", 7])
+
+
+def test_indexed_pattern_set_agrees_with_each_pattern() -> None:
+    """The set's index (exact names, a segment tree of wildcards) grants exactly what
+    checking every pattern one by one would, over many random patterns and channels."""
+    rng = random.Random(15)
+    words = ["a", "b", "c", "user", "42"]
+
+    def pattern() -> str:
+        segments = [rng.choice([*words, "*"]) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.3:
+            segments.append(">")
+        return ".".join(segments)
+
+    for _ in range(200):
+        texts = [pattern() for _ in range(rng.randint(0, 12))]
+        patterns = PatternSet.parse(texts)
+        for _ in range(50):
+            channel = ".".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+            expected = any(Pattern.parse(text).matches(channel) for text in texts)
+            assert patterns.matches(channel) == expected, (texts, channel)

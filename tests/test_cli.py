@@ -146,7 +146,9 @@ async def test_bad_serve_configuration_exits_2() -> None:
     """Unusable settings exit 2 with a message naming the flag."""
     cases = ((["--log-level", "verbose"], "--log-level"),
              (["--max-subscriptions", "zero"], "--max-subscriptions"),
-             (["--workers", "2"], "--redis-url"))
+             (["--workers", "2"], "--redis-url"),
+             (["--max-send-buffer", "0"], "--max-send-buffer"),
+             (["--jwks-url", "https://idp.invalid/jwks.json"], "--jwks-url"))
     runs = await asyncio.gather(*(
         cli("serve", "--jwt-secret", SECRET, "--port", str(free_port()), *args)
         for args, _ in cases))
@@ -154,6 +156,15 @@ async def test_bad_serve_configuration_exits_2() -> None:
         assert run.returncode == 2, (args, run.stderr)
         assert flag in run.stderr, (args, run.stderr)
         assert_no_traceback(run)
+
+
+async def test_serve_refuses_a_short_secret_outside_dev_mode() -> None:
+    """A secret under 32 bytes exits 2 with advice; the secret itself is not echoed."""
+    run = await cli("serve", "--port", str(free_port()), env={"WSB_JWT_SECRET": "hunter2"})
+    assert run.returncode == 2
+    assert "--jwt-secret is 7 bytes; use at least 32" in run.stderr
+    assert "hunter2" not in run.stderr
+    assert_no_traceback(run)
 
 
 async def test_token_command_prints_only_a_token_the_node_accepts(

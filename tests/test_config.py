@@ -98,3 +98,37 @@ def test_a_quiet_second_resets_the_abuse_streak() -> None:
     for second in (0, 1, 2, 3, 5, 6, 7):  # second 4 had no rejection
         assert not limiter.allow(second + 0.5)
     assert not limiter.abusive
+
+
+# -- configuration that would be silently wrong is refused ---------------------------------
+
+LONG_SECRET = "a-secret-of-more-than-thirty-two-bytes-0123"
+
+
+@pytest.mark.parametrize(("flags", "environ", "named"), [
+    ({"jwt_secret": LONG_SECRET, "jwks_url": "https://idp.example/jwks.json"}, {},
+     "--jwt-secret and --jwks-url"),
+    ({"jwt_public_key": "key.pem"}, {"WSB_JWT_SECRET": LONG_SECRET},
+     "--jwt-secret and --jwt-public-key"),
+    ({"jwt_secret": "too-short-0123456789"}, {}, "at least 32"),
+    ({"jwt_secret": LONG_SECRET, "max_send_buffer": "0"}, {}, "--max-send-buffer"),
+    ({"jwt_secret": LONG_SECRET, "auth_timeout": "0s"}, {}, "--auth-timeout"),
+    ({"jwt_secret": LONG_SECRET, "log_level": "verbose"}, {}, "--log-level"),
+    ({"jwt_secret": LONG_SECRET, "jwt_algorithms": ["hs256"]}, {}, "case-sensitive"),
+    ({"jwks_url": "file:///etc/jwks.json", "jwt_algorithms": ["RS256"]}, {}, "--jwks-url"),
+])
+def test_silently_wrong_settings_are_refused_clearly(
+    flags: dict[str, object], environ: dict[str, str], named: str,
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(flags, environ)
+    assert named in str(refused.value)
+
+
+def test_a_short_secret_is_allowed_in_dev_mode() -> None:
+    assert load_settings({"jwt_secret": "dev", "dev": "true"}, {}).jwt_secret == "dev"
+
+
+def test_log_level_and_format_accept_any_case() -> None:
+    settings = load_settings({"log_format": "JSON"}, {"WSB_LOG_LEVEL": "INFO"})
+    assert (settings.log_level, settings.log_format) == ("info", "json")

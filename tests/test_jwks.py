@@ -25,7 +25,7 @@ from websockets.exceptions import InvalidStatus
 
 import wsbroker.auth
 from tests.conftest import NodeFactory, http_url, ws_url
-from tests.helpers import WAIT, Client, free_port, http_get, make_token
+from tests.helpers import WAIT, Client, eventually, free_port, http_get, make_token
 from wsbroker.server import Node
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -39,7 +39,11 @@ class Jwks:
         self.keys: dict[str, PrivateKey] = {}
         self.delay = 0.0
         self.status = 200
+        self.cache_control: str | None = None
+        self.extra: list[dict[str, Any]] = []  # raw JWKs served beside the keys
+        self.padding = 0  # bytes of filler in the document
         self.requests = 0
+        self.authorization: list[str | None] = []
         self.request_seen = threading.Event()
         self._lock = threading.Lock()
         jwks = self
@@ -48,11 +52,15 @@ class Jwks:
             def do_GET(self) -> None:
                 with jwks._lock:
                     jwks.requests += 1
+                    jwks.authorization.append(self.headers.get("Authorization"))
                     body, status, delay = jwks.document(), jwks.status, jwks.delay
+                    cache_control = jwks.cache_control
                 jwks.request_seen.set()
                 time.sleep(delay)  # the identity provider being slow
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if cache_control is not None:
+                    self.send_header("Cache-Control", cache_control)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -84,7 +92,10 @@ class Jwks:
                 jwk = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
                 jwk["alg"] = "ES256"
             entries.append({**jwk, "kid": kid, "use": "sig"})
-        return json.dumps({"keys": entries}).encode()
+        document: dict[str, Any] = {"keys": entries + self.extra}
+        if self.padding:
+            document["filler"] = "x" * self.padding
+        return json.dumps(document).encode()
 
     def token(self, kid: str, sub: str = "alice", **kwargs: Any) -> str:
         private = self.keys[kid]
@@ -290,3 +301,154 @@ async def test_jwks_node_refuses_hs256_and_none(start_node: NodeFactory, jwks: J
     none = hand_made_token({"alg": "none", "kid": "k1"}, claims, None)
     for token in (hs256, none):
         assert await status_of(url, token) == 401
+
+
+# -- what a JWKS may contain --------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+async def test_symmetric_jwks_keys_are_never_used(start_node: NodeFactory, jwks: Jwks) -> None:
+    """An `oct` key in the JWKS is public: anyone could sign with it. Tokens HMAC-signed
+    with it are refused whatever algorithm their header claims; the RSA key still works."""
+    shared = b"published-for-all-to-see-0123456789abcdef"
+    jwks.extra = [{"kty": "oct", "kid": "sym", "k": b64url(shared), "alg": "HS256"},
+                  {"kty": "oct", "kid": "sym-rs", "k": b64url(shared), "alg": "RS256"}]
+    node = await start_node(jwks_url=jwks.url, jwt_secret=None,
+                            jwt_algorithms=("RS256", "HS256"))
+    claims = {"sub": "mallory", "exp": int(time.time()) + 600, "channels": [">"]}
+    for kid in ("sym", "sym-rs"):
+        for alg in ("RS256", "HS256"):
+            forged = hand_made_token({"alg": alg, "kid": kid}, claims, shared)
+            assert await status_of(ws_url(node), forged) == 401, (kid, alg)
+    assert await status_of(ws_url(node), jwks.token("k1")) == 101
+
+
+async def test_jwks_key_verifies_only_its_own_allowed_algorithm(
+    start_node: NodeFactory, jwks: Jwks,
+) -> None:
+    """A JWK naming `alg` RS256 never verifies a PS256 token, even when PS256 is allowed;
+    a JWK whose `alg` is not allowed is not used at all."""
+    private = jwks.keys["k1"]
+    node = await start_node(jwks_url=jwks.url, jwt_secret=None,
+                            jwt_algorithms=("RS256", "PS256", "ES256"))
+    pss = make_token(algorithm="PS256", key=private, headers={"kid": "k1"})
+    assert await status_of(ws_url(node), pss) == 401
+    assert await status_of(ws_url(node), jwks.token("k1")) == 101
+    only_es = await start_node(jwks_url=jwks.url, jwt_secret=None, jwt_algorithms=("ES256",))
+    assert await status_of(ws_url(only_es), jwks.token("k1")) == 401
+    assert await status_of(ws_url(only_es), jwks.token("e1")) == 101
+
+
+# -- fetch at start, readiness, refresh --------------------------------------------------
+
+
+async def readyz(node: Node) -> int:
+    return (await asyncio.to_thread(http_get, http_url(node) + "/readyz"))[0]
+
+
+async def test_jwks_is_fetched_at_start_and_readiness_waits_for_it(
+    start_node: NodeFactory, jwks: Jwks,
+) -> None:
+    """The node fetches the JWKS as it starts, before any token; /readyz is 503 until
+    the keys are in, then 200."""
+    jwks.delay = 1.0
+    node = await jwks_node(start_node, jwks.url)
+    assert await asyncio.to_thread(jwks.request_seen.wait, WAIT), "no fetch at start"
+    assert await readyz(node) == 503
+
+    async def ready() -> bool:
+        return await readyz(node) == 200
+
+    await eventually(ready, every=0.05)
+    assert await status_of(ws_url(node), jwks.token("k1")) == 101
+    assert jwks.requests == 1
+
+
+async def test_node_without_usable_jwks_keys_is_not_ready(
+    start_node: NodeFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A JWKS that cannot be fetched keeps /readyz at 503 (no token could verify);
+    the process stays alive (/healthz 200)."""
+    node = await jwks_node(start_node, f"http://127.0.0.1:{free_port()}/jwks.json")
+    await eventually(lambda: "JWKS fetch from" in caplog.text)  # the first fetch failed
+    assert "keeping 0 cached keys" in caplog.text
+    assert await readyz(node) == 503
+    assert (await asyncio.to_thread(http_get, http_url(node) + "/healthz"))[0] == 200
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    (None, 300.0),
+    ("max-age=600", 600.0),
+    ("public, max-age=7200, must-revalidate", 3600.0),  # capped
+    ("max-age=5", 60.0),  # floored
+    ("no-cache", 60.0),
+    ("no-store, max-age=900", 60.0),
+    ("max-age=nonsense", 300.0),
+])
+def test_refresh_delay_honours_cache_control_within_bounds(
+    header: str | None, seconds: float,
+) -> None:
+    assert wsbroker.auth.refresh_delay(header) == seconds
+
+
+async def test_key_replaced_under_the_same_kid_is_picked_up_on_schedule(
+    start_node: NodeFactory, jwks: Jwks, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The JWKS is refetched when its max-age runs out; a key replaced under the same
+    kid then verifies, and tokens of the withdrawn key (even remembered ones) are refused."""
+    monkeypatch.setattr(wsbroker.auth, "JWKS_MIN_REFRESH", 0.2)
+    jwks.cache_control = "max-age=0"
+    node = await jwks_node(start_node, jwks.url)
+    url = ws_url(node)
+    old_token = jwks.token("k1", "old")
+    assert await status_of(url, old_token) == 101
+    jwks.add("k1", "RS256")  # new material, same kid
+    seen = jwks.requests
+    await eventually(lambda: jwks.requests >= seen + 2, timeout=WAIT)
+    assert await status_of(url, jwks.token("k1", "new")) == 101
+    assert await status_of(url, old_token) == 401
+
+
+async def test_key_replaced_under_the_same_kid_is_fetched_on_a_bad_signature(
+    start_node: NodeFactory, jwks: Jwks, clock: Clock,
+) -> None:
+    """A token that fails its signature check under a known kid triggers one refetch
+    (rate-limited like unknown kids), so a rotated key works before the schedule."""
+    node = await jwks_node(start_node, jwks.url)
+    url = ws_url(node)
+    assert await status_of(url, jwks.token("k1")) == 101
+    jwks.add("k1", "RS256")
+    clock.advance(REFETCH_INTERVAL + 0.1)
+    assert await status_of(url, jwks.token("k1", "rotated")) == 101
+    assert jwks.requests == 2
+
+
+async def test_oversized_jwks_response_is_refused(
+    start_node: NodeFactory, jwks: Jwks, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A JWKS response over the size bound is not read on: no keys, not ready, a clear log."""
+    jwks.padding = wsbroker.auth.JWKS_MAX_BYTES
+    node = await jwks_node(start_node, jwks.url)
+    await eventually(lambda: "over" in caplog.text)
+    assert f"over {wsbroker.auth.JWKS_MAX_BYTES}" in caplog.text
+    assert await readyz(node) == 503
+    assert await status_of(ws_url(node), jwks.token("k1")) == 401
+
+
+async def test_jwks_url_credentials_are_sent_but_never_logged(
+    start_node: NodeFactory, jwks: Jwks, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """user:password in the JWKS URL becomes HTTP Basic auth; logs show neither it nor
+    the query string (which may carry an API key)."""
+    caplog.set_level("INFO")
+    url = jwks.url.replace("http://", "http://idp-user:s3cr%40t-pw@") + "?api_key=k3y-in-query"
+    node = await jwks_node(start_node, url)
+    await eventually(lambda: node.verifier.ready)
+    expected = "Basic " + base64.b64encode(b"idp-user:s3cr@t-pw").decode()
+    assert jwks.authorization[0] == expected
+    assert "JWKS fetched from http://[redacted]@127.0.0.1" in caplog.text
+    for secret in ("s3cr", "idp-user", "k3y-in-query"):
+        assert secret not in caplog.text

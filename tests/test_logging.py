@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.helpers import SECRET, Client, ServerProcess, make_token
+from wsbroker.logs import redact, safe_url
 
 StartServer = Callable[..., ServerProcess]
 DEBUG = ("--jwt-secret", SECRET, "--log-level", "debug", "--drain-seconds", "0.2")
@@ -116,3 +117,33 @@ async def test_info_logs_are_quiet_about_connections(server_process: StartServer
     assert "listening on" in stderr
     assert "GET /ws" not in stderr
     assert "DEBUG" not in stderr
+
+
+async def test_percent_encoded_token_parameter_is_redacted(server_process: StartServer) -> None:
+    """`?%74oken=%65yJ…` is `?token=eyJ…` to the node (it authenticates), but matches no
+    pattern for a token's name or shape: the whole query string is what gets redacted."""
+    server = server_process(*DEBUG, env=clean_env())
+    token = make_token("pct-user")
+    encoded = "%65" + token[1:]  # "e" of "eyJ…", percent-encoded
+    url = f"{server.url}?%74oken={encoded}&x=1"
+    async with Client.connect(url, how="none", expect_welcome=False) as client:
+        assert (await client.receive())["user"] == "pct-user"
+    stop(server)
+    assert_no_secret(server, [token])
+    assert "GET /ws?[redacted] HTTP/1.1" in server.stderr
+
+
+@pytest.mark.parametrize(("line", "logged"), [
+    ("< GET /ws?%74oken=abc.def&a=b HTTP/1.1", "< GET /ws?[redacted] HTTP/1.1"),
+    ("fetch https://idp/jwks?key=opaque failed", "fetch https://idp/jwks?[redacted] failed"),
+    ("GET /healthz HTTP/1.1", "GET /healthz HTTP/1.1"),
+    ("is it? yes", "is it? yes"),
+])
+def test_query_strings_are_redacted_whole(line: str, logged: str) -> None:
+    assert redact(line) == logged
+
+
+def test_safe_url_hides_user_info_and_query() -> None:
+    assert safe_url("https://u:p%40ss@idp.example:8443/keys?api_key=k#frag") == (
+        "https://[redacted]@idp.example:8443/keys?[redacted]")
+    assert safe_url("https://idp.example/keys") == "https://idp.example/keys"

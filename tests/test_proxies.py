@@ -41,7 +41,7 @@ import orjson
 import pytest
 import trustme
 
-from tests.helpers import SECRET, WAIT, Client, ServerProcess, free_port, make_token
+from tests.helpers import SECRET, WAIT, Client, ServerProcess, free_port, http_get, make_token
 from tests.redis_server import RedisServer
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -81,7 +81,7 @@ def render_nginx(tmp: Path, port: int, cert: Path, key: Path, nodes: list[int]) 
     replacements = [
         (r"^(error_log )\S+", rf"\g<1>{tmp / 'error.log'}"),
         (r"^(pid )\S+;", rf"\g<1>{tmp / 'nginx.pid'};"),
-        (r"^(\s*access_log )\S+;", rf"\g<1>{tmp / 'access.log'};"),
+        (r"^(\s*access_log )\S+ ", rf"\g<1>{tmp / 'access.log'} "),
         (r"^(\s*listen )443 ", rf"\g<1>127.0.0.1:{port} "),
         (r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};"),
         (r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};"),
@@ -614,3 +614,55 @@ def test_readme_try_it_steps_through_haproxy(
             listener.wait(WAIT)
     (line,) = listen_out.read_text().splitlines()
     assert orjson.loads(line)["data"] == {"hello": "world"}
+
+
+# -- what the proxies log and expose ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+async def test_proxy_access_logs_carry_no_token_and_metrics_stay_inside(
+    kind: str, tmp_path: Path, ca: trustme.CA, client_tls: ssl.SSLContext,
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess],
+    proxies: list[Proxy],
+) -> None:
+    """Browsers put their token in the URL (`/ws?token=…`): the proxy's access log shows
+    the request without its query. `/metrics` answers 404 through the proxy (Prometheus
+    scrapes the nodes from inside), while each node still serves it."""
+    nodes = start_fleet(server_process, redis_server)
+    if kind == "haproxy":
+        haproxy_binary()
+        pem = tmp_path / "haproxy.pem"
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(pem)
+        proxy, _ = start_haproxy(tmp_path, pem, nodes, client_tls)
+        log_file = proxy.log
+    else:
+        nginx_binary()
+        proxy = start_nginx(tmp_path, ca, nodes, client_tls)
+        log_file = tmp_path / "access.log"
+    proxies.append(proxy)
+    base = f"127.0.0.1:{proxy.port}"
+    tokens = [make_token("in-query"), make_token("percent-encoded")]
+    urls = [f"wss://{base}/ws?token={tokens[0]}",
+            f"wss://{base}/ws?x=1&%74oken={tokens[1]}"]
+    for url in urls:
+        async with Client.connect(url, how="none", expect_welcome=False,
+                                  ssl=client_tls) as client:
+            assert (await client.receive())["type"] == "welcome"
+
+    for path in ("/metrics", "/metrics?format=text", "/Metrics", "/metrics/"):
+        status = await asyncio.to_thread(https_get, f"https://{base}{path}", client_tls)
+        assert status == 404, (path, status)
+    for node in nodes.values():
+        status, _, body = await asyncio.to_thread(http_get, node.http + "/metrics")
+        assert status == 200 and "wsbroker_connections" in body
+
+    def logged_upgrades() -> bool:
+        proxy.check_running()
+        return log_file.read_text(errors="replace").count("GET /ws ") >= len(urls)
+
+    await asyncio.to_thread(wait_for, logged_upgrades, f"{kind} to log both upgrades")
+    text = log_file.read_text(errors="replace")
+    for token in tokens:
+        for part in token.split("."):
+            assert part not in text, f"{kind} logged part of a token: {part[:12]}…"
+    assert "token" not in text and "%74oken" not in text, text

@@ -105,6 +105,11 @@ def _text(value: str) -> str:
     return value
 
 
+def _lowercase(value: str) -> str:
+    """Names an operator may well type in capitals (``INFO``, as Python spells levels)."""
+    return value.strip().lower()
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", _text, "127.0.0.1", "address to listen on"),
     Option("port", int, "8765", "port to listen on (0 picks a free one)"),
@@ -139,14 +144,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls-key", _text, None, "PEM private key for native wss"),
     Option("compression", parse_bool, "false", "offer permessage-deflate", is_flag=True),
     Option("workers", int, "1", "SO_REUSEPORT worker processes (needs --redis-url)"),
-    Option("log-level", _text, "info", "debug, info, warning or error"),
-    Option("log-format", _text, "text", "text or json"),
+    Option("log-level", _lowercase, "info", "debug, info, warning or error (any case)"),
+    Option("log-format", _lowercase, "text", "text or json (any case)"),
     Option("dev", parse_bool, "false", "development mode: generated key, demo page",
            is_flag=True),
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",
+                  "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA")
+MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
+KEY_OPTIONS = ("jwt_secret", "jwt_public_key", "jwks_url")
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,15 +246,22 @@ def _validate(settings: Settings) -> None:
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"--port: {settings.port} is not a TCP port")
     if settings.log_level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level: use one of {', '.join(LOG_LEVELS)}")
+        raise ConfigError(f"--log-level {settings.log_level!r}: use one of "
+                          f"{', '.join(LOG_LEVELS)} (any case)")
     if settings.log_format not in LOG_FORMATS:
-        raise ConfigError(f"--log-format: use one of {', '.join(LOG_FORMATS)}")
-    if "none" in (alg.lower() for alg in settings.jwt_algorithms):
-        raise ConfigError("--jwt-algorithms: 'none' is never accepted")
+        raise ConfigError(f"--log-format {settings.log_format!r}: use one of "
+                          f"{', '.join(LOG_FORMATS)}")
+    _validate_key(settings)
     if settings.max_subscriptions < 1:
         raise ConfigError("--max-subscriptions must be at least 1")
     if settings.max_message_size < 64:
         raise ConfigError("--max-message-size must be at least 64 bytes")
+    if settings.max_send_buffer < 1:
+        raise ConfigError("--max-send-buffer must be above 0 (0 would cut every client "
+                          "at its first message)")
+    if settings.auth_timeout <= 0:
+        raise ConfigError("--auth-timeout must be above 0 (0 would close every client "
+                          "that authenticates with a first message)")
     if settings.max_connections < 0 or settings.workers < 1:
         raise ConfigError("--max-connections must be ≥ 0 and --workers ≥ 1")
     if settings.history:
@@ -255,3 +271,26 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+
+
+def _validate_key(settings: Settings) -> None:
+    """One key source, an HS secret long enough to resist guessing, known algorithms."""
+    given = [f"--{name.replace('_', '-')}" for name in KEY_OPTIONS if getattr(settings, name)]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are both set: configure exactly one "
+                          "verification key source (check the WSB_* environment too)")
+    secret = settings.jwt_secret
+    if secret and len(secret.encode()) < MIN_SECRET_BYTES and not settings.dev:
+        raise ConfigError(f"--jwt-secret is {len(secret.encode())} bytes; use at least "
+                          f"{MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 48`); "
+                          "a short secret can be guessed offline from any token")
+    if settings.jwks_url and not settings.jwks_url.lower().startswith(("https://", "http://")):
+        raise ConfigError("--jwks-url must be an https:// (or http://) URL")
+    if "none" in (alg.lower() for alg in settings.jwt_algorithms):
+        raise ConfigError("--jwt-algorithms: 'none' is never accepted")
+    if not settings.jwt_algorithms:
+        raise ConfigError("--jwt-algorithms is empty: list the algorithms your tokens use")
+    unknown = [alg for alg in settings.jwt_algorithms if alg not in JWT_ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"--jwt-algorithms: unknown {', '.join(map(repr, unknown))}; "
+                          f"use some of {', '.join(JWT_ALGORITHMS)} (names are case-sensitive)")

@@ -2,7 +2,9 @@
 
 Redaction runs on the final message of every record, the websockets library's
 debug output included (it logs request lines and frames), so a JWT can never
-reach a log line whichever logger or format carried it.
+reach a log line whichever logger or format carried it. A request path loses
+its whole query string: a token may hide there percent-encoded (``%74oken=``),
+where no pattern for its name or shape would find it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -19,6 +22,8 @@ _SECRETS = (
     # not match the JWT pattern below, so frame bodies are never logged.
     (re.compile(r"^([<>] (?:TEXT|BINARY|CONT)) .*?(\[\d+ bytes(?:, continued)?\])?$", re.S),
      r"\1 [body redacted] \2"),
+    # The query string of any path or URL (`GET /ws?token=… HTTP/1.1`), whole.
+    (re.compile(r"(/[^\s?\"'<>]*)\?[^\s\"'<>]+"), r"\1?[redacted]"),
     # A JWT anywhere: three base64url parts, the first one a JSON header ("eyJ").
     (re.compile(r"eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.?[A-Za-z0-9_\-]*"), "[redacted-jwt]"),
     # Any token= parameter, whatever its value looks like.
@@ -32,6 +37,16 @@ def redact(message: str) -> str:
     for pattern, replacement in _SECRETS:
         message = pattern.sub(replacement, message)
     return message
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit for logs: no user info and no query, either may hold a credential."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "[redacted]@" + netloc.rpartition("@")[2]
+    query = "[redacted]" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class RedactingFilter(logging.Filter):

@@ -71,6 +71,7 @@ class Node:
         settings = self.settings
         self.backplane.bind(self.hub.on_message, self._on_backplane_state)
         await self.backplane.start()
+        self.verifier.start()  # a JWKS is fetched now; /readyz waits for it
         self._server = await serve(
             self._serve_connection,
             settings.host,
@@ -104,7 +105,7 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return self.backplane.is_up and not self.draining
+        return self.backplane.is_up and self.verifier.ready and not self.draining
 
     async def drain(self) -> None:
         """Graceful shutdown (SPEC §8): refuse new clients, close old ones with 1012
@@ -142,6 +143,7 @@ class Node:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
+        await self.verifier.stop()
         await self.backplane.stop()
         self.metrics.connections.set(0)
         self.metrics.backplane_up.set(0)
@@ -192,7 +194,9 @@ class Node:
         if path == "/readyz":
             if self.ready:
                 return http.text(200, "ready")
-            return http.text(503, "draining" if self.draining else "backplane unavailable")
+            return http.text(503, "draining" if self.draining else
+                             "no JWKS keys yet" if not self.verifier.ready else
+                             "backplane unavailable")
         if path == "/metrics":
             return http.respond(200, self.metrics.render(), CONTENT_TYPE)
         if path == "/" and self.settings.dev:
