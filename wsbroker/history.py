@@ -29,13 +29,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from typing import TYPE_CHECKING, Any
 
 from wsbroker.channels import PatternSet
 from wsbroker.protocol import encode_envelope
+
+if TYPE_CHECKING:  # the Redis client is imported only where Redis is used
+    from redis.asyncio import Redis
 
 
 class HistoryNotEnabled(Exception):
@@ -288,6 +288,8 @@ async def load_library(client: Redis) -> bool:
     Returns True if it loaded it. Only ever upgrades, so an old node in a
     rolling upgrade never takes the library back.
     """
+    from redis.exceptions import ResponseError
+
     try:
         version = int(await client.fcall("wsb_version", 0))
     except ResponseError as exc:
@@ -302,6 +304,8 @@ async def load_library(client: Redis) -> bool:
 
 async def call_function(client: Redis, name: str, key: bytes, *args: bytes | int) -> Any:
     """``FCALL name 1 key args…``, loading the library first if this Redis lost it."""
+    from redis.exceptions import ResponseError
+
     try:
         return await client.fcall(name, 1, key, *args)
     except ResponseError as exc:
