@@ -211,12 +211,17 @@ async def test_backend_fcall_records_history(hnode: Node, engine: dict[str, Any]
     async with clients(hnode, make_token("sub")) as (sub,):
         await sub.subscribe("chat.backend")
         try:
-            reply = await backend.fcall("wsb_publish", 1, "h:chat.backend",  # type: ignore[misc]
-                                        '{"text":"hi"}', 100, 0)
+            reply = await backend.fcall(  # type: ignore[misc]
+                "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.backend}:m",
+                '{"text":"hi"}', 100, 0)
             assert reply[0] == 1
             with pytest.raises(aioredis.ResponseError, match="JSON"):
-                await backend.fcall("wsb_publish", 1, "h:chat.backend",  # type: ignore[misc]
-                                    "not json", 100, 0)
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.backend}:m",
+                    "not json", 100, 0)
+            with pytest.raises(aioredis.ResponseError, match="keys must be"):
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.other}:m", "1", 100, 0)
         finally:
             await backend.aclose()
         assert await sub.next_message() == {"type": "message", "channel": "chat.backend",

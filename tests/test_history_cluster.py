@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, clean_env, eventually, make_token
 from tests.redis_cluster import LocalCluster
-from wsbroker.history import HistoryRules
+from wsbroker.history import HistoryRules, history_keys
 from wsbroker.server import Node
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -98,8 +98,9 @@ async def test_backend_fcall_through_a_cluster_client(
     async with Client.connect(ws_url(node), make_token()) as sub:
         for channel in channels(cluster):
             await sub.subscribe(channel)
-            reply = await backend.fcall("wsb_spublish", 1, PREFIX + channel,  # type: ignore[misc]
-                                        '{"from":"backend"}', 50, 0)
+            reply = await backend.fcall(  # type: ignore[misc]
+                "wsb_spublish", 2, *history_keys((PREFIX + channel).encode()),
+                '{"from":"backend"}', 50, 0)
             assert int(reply[0]) == 1
             assert await sub.next_message() == {"type": "message", "channel": channel,
                                                 "data": {"from": "backend"}, "offset": 1}
@@ -134,8 +135,9 @@ async def test_node_recovers_a_shard_whose_link_dropped(
             master.command("CLIENT", "KILL", "TYPE", "pubsub")
         for channel in names:  # published while the node's links reconnect
             for value in (1, 2):
-                await backend.fcall("wsb_spublish", 1, PREFIX + channel,  # type: ignore[misc]
-                                    str(value), 50, 0)
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_spublish", 2, *history_keys((PREFIX + channel).encode()),
+                    str(value), 50, 0)
         got: dict[str, list[int]] = {channel: [] for channel in names}
         for _ in range(2 * len(names)):
             message = await sub.next_message(timeout=15)

@@ -17,7 +17,7 @@ import wsbroker
 from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, clean_env, eventually, make_token
 from tests.redis_server import RedisServer, numsub
-from wsbroker.history import LIBRARY_VERSION, HistoryRules, load_library
+from wsbroker.history import LIBRARY_VERSION, HistoryRules, history_keys, load_library
 from wsbroker.hub import INSUFFICIENT_STATE
 from wsbroker.server import Node
 
@@ -65,7 +65,8 @@ async def fcall_publish(server: RedisServer, channel: str, *values: int) -> list
     """Publish like a backend in any language: one FCALL per message."""
     client = aioredis.Redis.from_url(server.url)
     try:
-        return [int((await client.fcall("wsb_publish", 1, PREFIX + channel,  # type: ignore[misc]
+        keys = history_keys((PREFIX + channel).encode())
+        return [int((await client.fcall("wsb_publish", 2, *keys,  # type: ignore[misc]
                                         str(value), 100, 0))[0]) for value in values]
     finally:
         await client.aclose()

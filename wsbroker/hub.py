@@ -438,7 +438,8 @@ class Hub:
                             confirm: Confirm | None) -> Position:
         """Replay what ``subscriber`` missed since ``since``, then make it live."""
         if history.epoch is None:
-            self._catch_up(channel, state, history)
+            if history.task is None or history.task.done():
+                self._catch_up(channel, state, history)  # the first read: the position
             assert history.task is not None
             await asyncio.shield(history.task)
             if history.epoch is None:
@@ -456,7 +457,8 @@ class Hub:
         finally:
             del history.joiners[subscriber]
         # From here on, synchronous: nothing can be delivered in between.
-        assert history.epoch is not None
+        if history.epoch is None:  # the channel gave up its position meanwhile
+            raise BackplaneUnavailable("the channel's history is being read again")
         if joiner.reset and recovered:
             entries, recovered = [], False
         replay: list[Outgoing] = []
