@@ -228,3 +228,20 @@ async def test_backend_fcall_records_history(hnode: Node, engine: dict[str, Any]
                                             "data": {"text": "hi"}, "offset": 1}
         page = await sub.request("history", channel="chat.backend")
         assert [m["offset"] for m in page["messages"]] == [1]
+
+
+@pytest.mark.parametrize("forged", ["bogus", None])
+async def test_a_made_up_envelope_is_dropped_and_changes_nothing(
+        hnode: Node, forged: str | None) -> None:
+    """A raw publish of an envelope with an offset no stream explains (same or other epoch)."""
+    async with clients(hnode, PUBLISHER) as (pub,):
+        ok = await pub.subscribe("chat.f")
+        await publish(pub, "chat.f", 1)
+        epoch = forged or ok["epoch"]
+        await hnode.backplane.publish(
+            "chat.f", b'wsb1{"data":"fake","offset":99,"epoch":"%s"}' % epoch.encode())
+        await publish(pub, "chat.f", 2)
+        assert [m["data"] for m in await messages(pub, 2)] == [1, 2]
+        text = hnode.metrics.render().decode()
+        assert 'wsbroker_messages_dropped_total{reason="out_of_sequence"} 1.0' in text
+        assert (await pub.request("history", channel="chat.f"))["offset"] == 2

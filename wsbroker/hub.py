@@ -358,6 +358,7 @@ class Hub:
         while True:
             history.again = False
             first = history.epoch is None
+            before = (history.epoch, history.offset)
             try:
                 recovered = await self._read_gap(channel, state, history)
             except BackplaneUnavailable as exc:
@@ -374,7 +375,13 @@ class Hub:
             if history.again:
                 continue
             held, history.held = history.held or [], None
+            stuck = (history.epoch, history.offset) == before
             for envelope in held:
+                if stuck and history.held is None and _out_of_sequence(history, envelope):
+                    # The stream has just been read and does not explain it (a raw
+                    # PUBLISH of a made-up envelope): reading again would not either.
+                    self._metrics.messages_dropped.labels("out_of_sequence").inc()
+                    continue
                 self._sequence(channel, state, history, envelope)
             if not history.again:
                 return
@@ -571,6 +578,13 @@ def _message_frame(channel: str, offset: int, payload: bytes) -> bytes | None:
         frame["from"] = sender
     frame["offset"] = offset
     return orjson.dumps(frame)
+
+
+def _out_of_sequence(history: _History, envelope: Envelope) -> bool:
+    """An envelope that is neither the next offset nor one already delivered."""
+    offset = envelope.offset
+    return envelope.epoch != history.epoch or (offset is not None
+                                                and offset > history.offset + 1)
 
 
 def _ignore_result(task: asyncio.Future[None]) -> None:
