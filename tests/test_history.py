@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import Client, make_token
+from tests.helpers import Client, clean_env, make_token
 from tests.redis_server import RedisServer
 from wsbroker.config import RateLimit
 from wsbroker.history import HistoryRules
@@ -245,3 +247,14 @@ async def test_a_made_up_envelope_is_dropped_and_changes_nothing(
         text = hnode.metrics.render().decode()
         assert 'wsbroker_messages_dropped_total{reason="out_of_sequence"} 1.0' in text
         assert (await pub.request("history", channel="chat.f"))["offset"] == 2
+
+
+async def test_publish_command_through_a_node_prints_the_offset(start_node: NodeFactory) -> None:
+    node = await start_node(history=RULES)
+    for expected in ("1\n", "2\n"):
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "wsbroker", "publish", "chat.ws", '{"a":1}',
+             "--url", ws_url(node), "--token", PUBLISHER],
+            capture_output=True, text=True, timeout=30, env=clean_env())
+        assert (run.returncode, run.stdout) == (0, expected), run.stderr
