@@ -18,7 +18,7 @@ from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, clean_env, eventually, make_token
 from tests.redis_server import RedisServer, numsub
 from wsbroker.history import LIBRARY_VERSION, HistoryRules, history_keys, load_library
-from wsbroker.hub import INSUFFICIENT_STATE
+from wsbroker.recovery import INSUFFICIENT_STATE
 from wsbroker.server import Node
 
 PREFIX = "h:"
