@@ -258,3 +258,18 @@ async def test_publish_command_through_a_node_prints_the_offset(start_node: Node
              "--url", ws_url(node), "--token", PUBLISHER],
             capture_output=True, text=True, timeout=30, env=clean_env())
         assert (run.returncode, run.stdout) == (0, expected), run.stderr
+
+
+async def test_a_replay_larger_than_the_send_buffer_is_not_recovered(
+        start_node: NodeFactory) -> None:
+    node = await start_node(history=RULES, max_send_buffer=4096, rate_limit=RateLimit(0, 0))
+    async with clients(node, PUBLISHER) as (pub,):
+        ok = await pub.request("history", channel="chat.big")
+        for _ in range(60):
+            await publish(pub, "chat.big", "x" * 100)
+        reply = await pub.request("subscribe", channel="chat.big",
+                                  since={"offset": 0, "epoch": ok["epoch"]})
+        assert (reply["recovered"], reply["offset"]) == (False, 60)
+        small = await pub.request("subscribe", channel="chat.small",
+                                  since={"offset": 0, "epoch": "unknown"})
+        assert small["recovered"] is False
