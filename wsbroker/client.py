@@ -1,14 +1,16 @@
 """Small clients behind ``wsbroker publish`` and ``wsbroker listen``.
 
 They are also the library API for Python backends: :func:`publish` writes one
-message to the Redis backplane exactly as any other backend would.
+message to the Redis backplane exactly as any other backend would; on a channel
+matching a history rule it records it with one ``FCALL`` of the ``wsbroker``
+Function library, as the nodes do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -18,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wsbroker.backplane.link import redact_url
+from wsbroker.history import HistoryRule, HistoryRules, Published, call_function
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds each step (reach Redis or the node, its welcome, each reply) may take."""
@@ -28,43 +31,58 @@ class ClientError(Exception):
 
 
 async def publish(
-    redis_url: str, channel: str, data: object, prefix: str = "ws:", *, cluster: bool = False
-) -> int:
-    """Publish ``data`` (any JSON value) to ``channel`` through Redis; returns how many
-    node connections received it. ``cluster=True`` uses SPUBLISH on a Redis Cluster."""
-    return await publish_redis(redis_url, prefix, channel, orjson.dumps(data), cluster=cluster)
+    redis_url: str, channel: str, data: object, prefix: str = "ws:", *, cluster: bool = False,
+    history: Iterable[str] | HistoryRules = (),
+) -> Published:
+    """Publish ``data`` (any JSON value) to ``channel`` through Redis.
+
+    ``cluster=True`` uses SPUBLISH on a Redis Cluster. ``history`` takes the
+    nodes' ``--history`` rules (``PATTERN=SIZE[:TTL]``): on a matching channel
+    the message is recorded and the result carries its ``offset`` and ``epoch``.
+    """
+    rules = history if isinstance(history, HistoryRules) else HistoryRules.parse(history)
+    return await publish_redis(redis_url, prefix, channel, orjson.dumps(data), cluster=cluster,
+                               rule=rules.rule_for(channel))
 
 
 async def publish_redis(
     redis_url: str, prefix: str, channel: str, data: bytes, *, cluster: bool = False,
-    step_timeout: float = DEFAULT_TIMEOUT,
-) -> int:
+    rule: HistoryRule | None = None, step_timeout: float = DEFAULT_TIMEOUT,
+) -> Published:
     options: dict[str, Any] = {"socket_connect_timeout": min(step_timeout, 5),
                                "socket_timeout": min(step_timeout, 5)}
     where = f"Redis{' Cluster' if cluster else ''} at {redact_url(redis_url)}"
     client = (redis.RedisCluster if cluster else redis.Redis).from_url(redis_url, **options)
+    key = (prefix + channel).encode()
     try:
         async with asyncio.timeout(step_timeout):
+            if rule is not None:
+                function = "wsb_spublish" if cluster else "wsb_publish"
+                reply = await call_function(client, function, key,  # type: ignore[arg-type]
+                                            data, rule.size, rule.ttl)
+                return Published(int(reply[0]), reply[1].decode())
             if isinstance(client, redis.RedisCluster):
-                receivers: int = await client.spublish(prefix + channel, data)
+                await client.spublish(key, data)
             else:
-                receivers = await client.publish(prefix + channel, data)
+                await client.publish(key, data)
     except (RedisError, RedisClusterException, OSError) as exc:
         raise ClientError(f"cannot reach {where}: {exc}") from None
     except TimeoutError:
         raise ClientError(f"cannot reach {where}: no answer within {step_timeout:g} s") from None
     finally:
         await client.aclose()
-    return receivers
+    return Published()
 
 
 async def publish_websocket(url: str, token: str, channel: str, data: bytes, *,
-                            step_timeout: float = DEFAULT_TIMEOUT) -> None:
+                            step_timeout: float = DEFAULT_TIMEOUT) -> Published:
     """Publish through a node as a client (needs a token with a ``publish`` claim)."""
     async with _connect(url, token, step_timeout) as connection:
         frame = b'{"op":"publish","id":1,"channel":' + orjson.dumps(channel)
         await connection.send(frame + b',"data":' + data + b"}", text=True)
-        await _expect_ok(connection, 1, step_timeout)
+        reply = await _expect_ok(connection, 1, step_timeout)
+    offset = reply.get("offset")
+    return Published(offset if isinstance(offset, int) else None)
 
 
 async def listen(url: str, token: str, channels: Sequence[str], count: int | None, *,
@@ -141,7 +159,8 @@ class _connect:
             await self._connection.close()
 
 
-async def _expect_ok(connection: ClientConnection, op_id: int, step_timeout: float) -> None:
+async def _expect_ok(connection: ClientConnection, op_id: int,
+                     step_timeout: float) -> dict[str, Any]:
     while True:
         try:
             async with asyncio.timeout(step_timeout):
@@ -154,7 +173,7 @@ async def _expect_ok(connection: ClientConnection, op_id: int, step_timeout: flo
             continue
         if reply.get("type") == "error":
             raise ClientError(f"{reply.get('code')}: {reply.get('message')}")
-        return
+        return reply  # type: ignore[no-any-return]
 
 
 def _closed(exc: ConnectionClosed) -> str:

@@ -9,6 +9,11 @@ Fan-out is the hot path: per backplane message the payload is validated once,
 the outgoing WebSocket frame is built once, and each subscriber gets the same
 bytes through a synchronous ``deliver`` call: no per-subscriber JSON, task or
 await.
+
+History channels (SPEC §7) add one rule per channel, not per subscriber: each
+has a :class:`~wsbroker.recovery.ChannelHistory` that delivers its offsets in
+order, once, and reads the stream to fill gaps and replays. Every publisher
+goes through :meth:`Hub.publish`, every reader through :meth:`Hub.history`.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from wsbroker.backplane import Backplane, BackplaneUnavailable
+from wsbroker.history import HistoryNotEnabled, HistoryPage, HistoryRules, Position, Published
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
-from wsbroker.protocol import decode_payload, encode_message, text_frame
+from wsbroker.protocol import Since, decode_payload, encode_envelope, encode_message, text_frame
+from wsbroker.recovery import INSUFFICIENT_STATE, ChannelHistory, Confirm, message_frame
 
 log = logging.getLogger("wsbroker.hub")
 
@@ -45,6 +53,10 @@ class Subscriber(Protocol):
         """Queue ``message``; False if this subscriber is closing and took nothing."""
         ...
 
+    def unsubscribed(self, channel: str, reason: str) -> None:
+        """The hub dropped this subscription (its history was lost); tell the client."""
+        ...
+
 
 @dataclass(slots=True)
 class _Channel:
@@ -53,14 +65,18 @@ class _Channel:
     ready: asyncio.Task[None]
     subscribers: dict[Subscriber, None] = field(default_factory=dict)
     joining: int = 0
+    history: ChannelHistory | None = None
 
 
 class Hub:
     """Tracks who is subscribed to what on this node and fans messages out."""
 
-    def __init__(self, backplane: Backplane, metrics: Metrics) -> None:
+    def __init__(self, backplane: Backplane, metrics: Metrics,
+                 history: HistoryRules | None = None, replay_budget: int = 1024 * 1024) -> None:
         self._backplane = backplane
         self._metrics = metrics
+        self._rules = history or HistoryRules()
+        self._replay_budget = replay_budget
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
         self._closed = False
@@ -74,8 +90,14 @@ class Hub:
     def subscription_count(self) -> int:
         return self._subscription_count
 
-    async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
+    async def subscribe(self, channel: str, subscriber: Subscriber, since: Since | None = None,
+                        confirm: Confirm | None = None) -> Position | None:
         """Add ``subscriber`` once the backplane has confirmed ``channel``.
+
+        On a history channel, a ``since`` replays what the subscriber missed:
+        ``confirm`` gets the position (the ``ok``) right before the replay and
+        the live messages that follow, with nothing in between. On other
+        channels ``confirm`` gets None and ``since`` is ignored.
 
         Raises :class:`~wsbroker.backplane.BackplaneUnavailable` when the
         backplane cannot subscribe now; nothing is left half-done then.
@@ -89,10 +111,20 @@ class Hub:
         if state is None:
             task = asyncio.ensure_future(self._backplane.subscribe(channel))
             state = self._channels[channel] = _Channel(task)
+            rule = self._rules.rule_for(channel)
+            if rule is not None:
+                state.history = ChannelHistory(
+                    channel, rule, backplane=self._backplane, metrics=self._metrics,
+                    subscribers=state.subscribers, frame=Outgoing.of,
+                    lost=lambda: self._drop_subscribers(channel, state),
+                    replay_budget=self._replay_budget)
             self._metrics.channels.set(len(self._channels))
         state.joining += 1
         try:
             await asyncio.shield(state.ready)
+            if state.history is not None:
+                return await state.history.join(subscriber, since,
+                                                lambda: self._add(state, subscriber), confirm)
         except asyncio.CancelledError:
             caller = asyncio.current_task()
             if state.ready.cancelled() and caller is not None and not caller.cancelling():
@@ -105,12 +137,25 @@ class Hub:
             # (A waiter cancelled at shutdown leaves the channel to hub.close().)
             if state.ready.done() and (state.ready.cancelled() or state.ready.exception()):
                 self._forget_if_idle(channel, state)
+            elif state.history is not None and self._forget_if_idle(channel, state):
+                self._release_backplane(channel)  # its history could not be read
         if self._closed:  # close() ran meanwhile
             raise BackplaneUnavailable("the node is shutting down")
+        self._add(state, subscriber)
+        if confirm is not None:
+            confirm(None)
+        return None
+
+    def _add(self, state: _Channel, subscriber: Subscriber) -> None:
         if subscriber not in state.subscribers:
             state.subscribers[subscriber] = None
             self._subscription_count += 1
             self._metrics.subscriptions.set(self._subscription_count)
+
+    def position(self, channel: str) -> Position | None:
+        """A history channel's position on this node (None: no history, or not held here)."""
+        state = self._channels.get(channel)
+        return state.history.position if state is not None and state.history else None
 
     async def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         """Remove ``subscriber``; the last one out releases the backplane subscription."""
@@ -129,20 +174,32 @@ class Hub:
             return False
         del self._channels[channel]
         self._metrics.channels.set(len(self._channels))
+        if state.history is not None:
+            state.history.cancel()
         return True
+
+    def _release_backplane(self, channel: str) -> None:
+        """Unsubscribe a forgotten channel from the backplane, from a synchronous caller."""
+        task = asyncio.ensure_future(self._backplane.unsubscribe(channel))
+        task.add_done_callback(_ignore_result)
 
     def on_message(self, channel: str, payload: bytes) -> None:
         """Backplane receiver: validate once, frame once, deliver to every local subscriber."""
         metrics = self._metrics
         metrics.messages_received.inc()
         state = self._channels.get(channel)
-        if state is None or not state.subscribers:
+        if state is None or (not state.subscribers and state.history is None):
             return
         started = time.perf_counter()
         try:
             envelope = decode_payload(payload)
         except ValueError as exc:
             self._drop_invalid(channel, exc)
+            return
+        history = state.history
+        if history is not None and envelope.offset is not None and envelope.epoch is not None:
+            history.receive(envelope)
+            metrics.fanout_seconds.observe(time.perf_counter() - started)
             return
         message = Outgoing.of(
             encode_message(channel, envelope.data, envelope.sender, envelope.offset)
@@ -153,6 +210,57 @@ class Hub:
         metrics.messages_delivered.inc(delivered)
         metrics.fanout_seconds.observe(time.perf_counter() - started)
 
+    # -- publishing and history ------------------------------------------------------
+
+    async def publish(self, channel: str, data: bytes, sender: str | None = None) -> Published:
+        """Publish ``data`` (encoded JSON) to ``channel``: the one way in for every publisher.
+
+        On a history channel it is recorded and gets an offset; raises
+        :class:`~wsbroker.backplane.BackplaneUnavailable` when the backplane is down.
+        """
+        rule = self._rules.rule_for(channel)
+        if rule is not None:
+            return await self._backplane.publish_history(channel, data, sender, rule)
+        # Without a sender the raw form is enough: the document reaches clients as is.
+        payload = data if sender is None else encode_envelope(data, sender)
+        await self._backplane.publish(channel, payload)
+        return Published()
+
+    async def history(self, channel: str, limit: int) -> HistoryPage:
+        """The newest ``limit`` messages of ``channel`` as message frames, oldest first.
+
+        Raises :class:`~wsbroker.history.HistoryNotEnabled` on a channel without
+        history, :class:`~wsbroker.backplane.BackplaneUnavailable` when down.
+        """
+        rule = self._rules.rule_for(channel)
+        if rule is None:
+            raise HistoryNotEnabled(f"channel {channel!r} keeps no history (see --history)")
+        stream = await self._backplane.read_newest(channel, limit, rule)
+        messages = []
+        for offset, payload in stream.entries:
+            frame = message_frame(channel, offset, payload)
+            if frame is not None:
+                messages.append(frame)
+        return HistoryPage(messages, stream.offset, stream.epoch)
+
+    def resync(self, channels: Iterable[str]) -> None:
+        """Backplane receiver: these subscriptions were restored; read what they missed."""
+        for channel in channels:
+            state = self._channels.get(channel)
+            if state is not None and state.history is not None:
+                state.history.resync()
+
+    def _drop_subscribers(self, channel: str, state: _Channel) -> None:
+        """The channel's history was lost under its subscribers: tell them, drop them."""
+        subscribers = list(state.subscribers)
+        state.subscribers.clear()
+        self._subscription_count -= len(subscribers)
+        self._metrics.subscriptions.set(self._subscription_count)
+        for subscriber in subscribers:
+            subscriber.unsubscribed(channel, INSUFFICIENT_STATE)
+        if self._forget_if_idle(channel, state):
+            self._release_backplane(channel)
+
     def _drop_invalid(self, channel: str, error: ValueError) -> None:
         self._metrics.messages_dropped.labels("invalid_payload").inc()
         self._log_invalid(
@@ -161,12 +269,14 @@ class Hub:
         )
 
     async def close(self) -> None:
-        """Node shutdown: cancel backplane subscriptions still in flight, zero the gauges.
+        """Node shutdown: cancel backplane subscriptions and history reads still in
+        flight, zero the gauges.
 
         A caller cancelled while waiting here is cancelled (nothing swallows it).
         """
         self._closed = True
-        pending = [state.ready for state in self._channels.values() if not state.ready.done()]
+        states = list(self._channels.values())
+        pending = [state.ready for state in states if not state.ready.done()]
         self._channels.clear()
         self._subscription_count = 0
         self._metrics.channels.set(0)
@@ -175,3 +285,11 @@ class Hub:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        for state in states:
+            if state.history is not None:
+                await state.history.close()
+
+
+def _ignore_result(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: an unsubscribe of a dropped channel never matters
