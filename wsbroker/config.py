@@ -105,6 +105,10 @@ def _text(value: str) -> str:
     return value
 
 
+DEFAULT_WEBHOOK_EVENTS = ("channel_occupied", "channel_vacated", "member_added", "member_removed")
+WEBHOOK_EVENTS = (*DEFAULT_WEBHOOK_EVENTS, "client_publish")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", _text, "127.0.0.1", "address to listen on"),
     Option("port", int, "8765", "port to listen on (0 picks a free one)"),
@@ -143,6 +147,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-format", _text, "text", "text or json"),
     Option("dev", parse_bool, "false", "development mode: generated key, demo page",
            is_flag=True),
+    # -- webhooks (SPEC §13) --
+    Option("webhook-url", _text, None, "POST signed channel events to this http(s) URL"),
+    Option("webhook-secret", _text, None, "whsec_… secrets signing webhooks (needed with a URL)",
+           is_list=True),
+    Option("webhook-events", _text, ",".join(DEFAULT_WEBHOOK_EVENTS),
+           "events to send; add client_publish to hear publishes", is_list=True),
+    Option("webhook-vacate-delay", parse_duration, "5s",
+           "empty this long, fleet-wide, before channel_vacated/member_removed"),
+    Option("webhook-queue", int, "10000", "webhook events pending at most; the excess is dropped"),
+    Option("presence-ttl", parse_duration, "60s",
+           "a dead node's subscriptions expire after this (refreshed by live nodes)"),
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -184,6 +199,16 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     dev: bool = False
+    webhook_url: str | None = None
+    webhook_secret: tuple[str, ...] = ()
+    webhook_events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+    webhook_vacate_delay: float = 5.0
+    webhook_queue: int = 10_000
+    presence_ttl: float = 60.0
+    webhook_timeout: float = 10.0
+    """Seconds one webhook request may take (no flag: SPEC §13 fixes it; tests shorten it)."""
+    webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+    """Pause before each retry, jittered (no flag; tests shorten it)."""
 
     @property
     def has_key(self) -> bool:
@@ -255,3 +280,29 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    _validate_webhooks(settings)
+
+
+def _validate_webhooks(settings: Settings) -> None:
+    from wsbroker.webhooks.signing import decode_secret
+
+    if settings.presence_ttl <= 0:
+        raise ConfigError("--presence-ttl must be more than 0")
+    if settings.webhook_queue < 1:
+        raise ConfigError("--webhook-queue must be at least 1")
+    unknown = set(settings.webhook_events) - set(WEBHOOK_EVENTS)
+    if unknown:
+        raise ConfigError(f"--webhook-events: unknown {', '.join(sorted(unknown))}; "
+                          f"use {', '.join(WEBHOOK_EVENTS)}")
+    if not settings.webhook_url:
+        return
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", settings.webhook_url):
+        raise ConfigError("--webhook-url must be an http:// or https:// URL")
+    if not settings.webhook_secret:
+        raise ConfigError("--webhook-secret is required with --webhook-url "
+                          "(a whsec_<base64> secret shared with the receiver)")
+    for index, secret in enumerate(settings.webhook_secret, 1):
+        try:
+            decode_secret(secret)
+        except ValueError as exc:
+            raise ConfigError(f"--webhook-secret (entry {index}): {exc}") from None

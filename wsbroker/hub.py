@@ -47,6 +47,22 @@ class Subscriber(Protocol):
         ...
 
 
+class ChannelObserver(Protocol):
+    """Told when this node starts and stops holding a channel (webhook occupancy).
+
+    Both are called synchronously on the subscribe/unsubscribe path, paired,
+    and must neither block nor raise.
+    """
+
+    def channel_held(self, channel: str) -> None:
+        """The first local subscriber of ``channel`` arrived."""
+        ...
+
+    def channel_released(self, channel: str) -> None:
+        """The last local subscriber of ``channel`` left."""
+        ...
+
+
 @dataclass(slots=True)
 class _Channel:
     """A channel's local subscribers and its backplane subscription."""
@@ -59,9 +75,12 @@ class _Channel:
 class Hub:
     """Tracks who is subscribed to what on this node and fans messages out."""
 
-    def __init__(self, backplane: Backplane, metrics: Metrics) -> None:
+    def __init__(
+        self, backplane: Backplane, metrics: Metrics, observer: ChannelObserver | None = None
+    ) -> None:
         self._backplane = backplane
         self._metrics = metrics
+        self._observer = observer
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
         self._log_invalid = Throttled(log, logging.WARNING)
@@ -97,6 +116,8 @@ class Hub:
             if state.ready.done() and (state.ready.cancelled() or state.ready.exception()):
                 self._forget_if_idle(channel, state)
         if subscriber not in state.subscribers:
+            if not state.subscribers and self._observer is not None:
+                self._observer.channel_held(channel)
             state.subscribers[subscriber] = None
             self._subscription_count += 1
             self._metrics.subscriptions.set(self._subscription_count)
@@ -109,6 +130,8 @@ class Hub:
         del state.subscribers[subscriber]
         self._subscription_count -= 1
         self._metrics.subscriptions.set(self._subscription_count)
+        if not state.subscribers and self._observer is not None:
+            self._observer.channel_released(channel)
         if self._forget_if_idle(channel, state):
             await self._backplane.unsubscribe(channel)
 

@@ -61,6 +61,12 @@ class Metrics:
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)
+        self.webhook_requests = Counter(
+            "wsbroker_webhook_requests", "Webhook request attempts, by result.", ["result"],
+            registry=r)
+        self.webhook_events_dropped = Counter(
+            "wsbroker_webhook_events_dropped", "Webhook events never delivered, by reason.",
+            ["reason"], registry=r)
 
     def render(self) -> bytes:
         if self._multiprocess_dir is None:

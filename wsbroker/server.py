@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -34,11 +35,16 @@ from wsbroker.session import (
     Session,
 )
 
+if TYPE_CHECKING:
+    from wsbroker.webhooks.service import Webhooks
+
 log = logging.getLogger("wsbroker.server")
 
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
 UNBOUNDED_WRITE_LIMIT = 1 << 30  # uvloop takes a C int
+WEBHOOK_FLUSH_MIN = 1.0
+"""Seconds webhooks get at the end of a drain even when the closes used all of it."""
 
 
 class Node:
@@ -53,10 +59,12 @@ class Node:
         self.settings = settings
         self.metrics = Metrics(metrics_dir)
         self.backplane = backplane if backplane is not None else create_backplane(settings)
-        self.hub = Hub(self.backplane, self.metrics)
+        self.webhooks = _webhooks(settings, self.metrics)
+        self.hub = Hub(self.backplane, self.metrics, self.webhooks)
         self.verifier = Verifier(settings)
         self.services = NodeServices(
-            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler()
+            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler(),
+            self.webhooks,
         )
         self.sessions: set[Session] = set()
         self.draining = False
@@ -73,6 +81,8 @@ class Node:
         settings = self.settings
         self.backplane.bind(self.hub.on_message, self._on_backplane_state)
         await self.backplane.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self._server = await serve(
             self._serve_connection,
             settings.host,
@@ -127,6 +137,8 @@ class Node:
             _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
             for task in late:
                 task.cancel()
+        if self.webhooks is not None:  # pending webhooks get the rest of the drain time
+            await self.webhooks.drain(max(started + spread, loop.time() + WEBHOOK_FLUSH_MIN))
         await self.stop()
 
     async def stop(self) -> None:
@@ -138,6 +150,8 @@ class Node:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
         await self.hub.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.backplane.stop()
         log.info("node %s stopped", self.settings.node_id)
 
@@ -259,6 +273,15 @@ class Node:
                     if not _in_networks(hop, self._trusted_proxies):
                         return hop
         return str(peer)
+
+
+def _webhooks(settings: Settings, metrics: Metrics) -> Webhooks | None:
+    """The webhook service when ``--webhook-url`` is set (imported only then)."""
+    if not settings.webhook_url:
+        return None
+    from wsbroker.webhooks.service import Webhooks
+
+    return Webhooks(settings, metrics)
 
 
 def _handshake_token(request: Request, query: str) -> str | None:

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -31,6 +32,9 @@ from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
 from wsbroker.protocol import OpId, ProtocolError
 from wsbroker.ratelimit import OpLimiter
+
+if TYPE_CHECKING:
+    from wsbroker.webhooks.service import Webhooks
 
 log = logging.getLogger("wsbroker.session")
 
@@ -58,6 +62,7 @@ class NodeServices:
     verifier: Verifier
     metrics: Metrics
     flusher: FlushScheduler
+    webhooks: Webhooks | None = None
 
 
 class Session:
@@ -346,6 +351,8 @@ class Session:
             )
         envelope = protocol.encode_envelope(op.data, sender=identity.user)
         await self._node.backplane.publish(op.channel, envelope)
+        if self._node.webhooks is not None:
+            self._node.webhooks.client_publish(op.channel, identity.user, op.data)
         return protocol.encode_ok(op.id, channel=op.channel)
 
     def _history(self, op: protocol.History) -> bytes:
