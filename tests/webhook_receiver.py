@@ -32,6 +32,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # time.monotonic()
+    wall: float  # time.time()
+    path: str
 
     @property
     def id(self) -> str:
@@ -79,7 +81,8 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         received = Received({k.lower(): v for k, v in request.headers.items()},
-                            await request.read(), time.monotonic())
+                            await request.read(), time.monotonic(), time.time(),
+                            request.path_qs)
         self.requests.append(received)
         self._queue.put_nowait(received)
         for event in received.events:
