@@ -48,6 +48,11 @@ class Webhooks:
         self.tracker: Tracker = create_tracker(settings, self._started, self._ended)
         self._members: dict[Subject, int] = {}
 
+    @property
+    def settled(self) -> bool:
+        """Nothing pending: every event this node owed has been delivered or dropped."""
+        return self.tracker.settled and self.dispatcher.pending == 0
+
     async def start(self) -> None:
         await self.dispatcher.start()
         await self.tracker.start()

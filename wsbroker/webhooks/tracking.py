@@ -71,6 +71,11 @@ class Tracker(abc.ABC):
         self._on_start = on_start
         self._on_end = on_end
 
+    @property
+    @abc.abstractmethod
+    def settled(self) -> bool:
+        """Nothing queued or waiting here: no event will come without a new hold/release."""
+
     @abc.abstractmethod
     def hold(self, subject: Subject) -> None:
         """This node holds ``subject`` now."""
@@ -94,6 +99,10 @@ class MemoryTracker(Tracker):
         super().__init__(delay, on_start, on_end)
         self._started: set[Subject] = set()
         self._vacancies: dict[Subject, asyncio.TimerHandle] = {}
+
+    @property
+    def settled(self) -> bool:
+        return not self._vacancies
 
     def hold(self, subject: Subject) -> None:
         timer = self._vacancies.pop(subject, None)
@@ -261,6 +270,11 @@ class RedisTracker(Tracker):
         self._timers: dict[Subject, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._log_failure = Throttled(log, logging.WARNING)
+        self._busy = False
+
+    @property
+    def settled(self) -> bool:
+        return not self._ops and not self._timers and not self._busy
 
     # -- the node's side: never blocks ------------------------------------------------
 
@@ -327,12 +341,15 @@ class RedisTracker(Tracker):
                 op, subject = self._ops.popleft()
                 if op == "stop":
                     return
+                self._busy = True
                 try:
                     await self._apply(op, subject)
                 except (RedisError, OSError) as exc:
                     self._failed(op, subject, exc)
                 except Exception:
                     log.exception("webhook tracking failed on %s", op)
+                finally:
+                    self._busy = False
 
     async def _apply(self, op: str, subject: Subject | None) -> None:
         if op == "sweep":

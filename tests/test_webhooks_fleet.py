@@ -1,0 +1,152 @@
+"""Webhook occupancy across a fleet (SPEC §13): one ``channel_occupied`` per 0→1,
+one ``channel_vacated`` after the vacate delay, decided atomically in a real
+Redis even when clients join on different nodes at the same moment."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import pytest
+
+from tests.conftest import NodeFactory, ws_url
+from tests.helpers import SECRET, Client, ServerProcess, eventually, make_token
+from tests.redis_server import RedisServer
+from tests.webhook_receiver import Receiver
+from wsbroker.server import Node
+
+HOOK_SECRET = "whsec_" + base64.b64encode(b"f" * 32).decode()
+DELAY = 0.5
+
+Fleet = Callable[..., Awaitable[list[Node]]]
+
+
+@pytest.fixture
+async def fleet(redis_server: RedisServer, start_node: NodeFactory, receiver: Receiver) -> Fleet:
+    """Nodes on one Redis, all sending webhooks to the one receiver."""
+
+    async def start(count: int, **overrides: Any) -> list[Node]:
+        settings: dict[str, Any] = {
+            "redis_url": redis_server.url, "webhook_url": receiver.url,
+            "webhook_secret": (HOOK_SECRET,), "webhook_vacate_delay": DELAY,
+            "webhook_retry_delays": (0.05,), **overrides,
+        }
+        return [await start_node(**{"node_id": f"node-{index}", **settings})
+                for index in range(1, count + 1)]
+
+    return start
+
+
+def settled(nodes: Iterable[Node]) -> Callable[[], bool]:
+    """True once no node owes an event: a count taken then is final."""
+    return lambda: all(node.webhooks is not None and node.webhooks.settled for node in nodes)
+
+
+def kinds(receiver: Receiver, channel: str) -> list[str]:
+    return [event["type"] for request in receiver.requests for event in request.events
+            if event["channel"] == channel]
+
+
+async def test_concurrent_joins_on_three_nodes_give_one_occupied_and_one_vacated(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    nodes = await fleet(3)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client.connect(ws_url(node), make_token()))
+                   for node in nodes for _ in range(2)]
+        for round_ in range(3):
+            channel = f"room.{round_}"
+            await asyncio.gather(*(client.subscribe(channel) for client in clients))
+            assert (await receiver.next_event())["type"] == "channel_occupied"
+            await asyncio.gather(*(client.request("unsubscribe", channel=channel)
+                                   for client in clients))
+            vacated = await receiver.next_event()
+            assert (vacated["type"], vacated["channel"]) == ("channel_vacated", channel)
+            await eventually(settled(nodes))
+            assert kinds(receiver, channel) == ["channel_occupied", "channel_vacated"]
+
+
+async def test_vacated_only_after_the_delay_and_not_if_reoccupied_on_another_node(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    first, second = await fleet(2)
+    async with Client.connect(ws_url(first), make_token()) as a, \
+            Client.connect(ws_url(second), make_token()) as b:
+        await a.subscribe("room.1")
+        assert (await receiver.next_event())["type"] == "channel_occupied"
+        await a.request("unsubscribe", channel="room.1")
+        await asyncio.sleep(DELAY / 3)
+        await b.subscribe("room.1")  # back within the delay, elsewhere: neither event
+        await asyncio.sleep(DELAY * 1.5)
+        left = time.monotonic()
+        await b.request("unsubscribe", channel="room.1")
+        vacated = await receiver.next_event()
+        waited = time.monotonic() - left
+    assert vacated["type"] == "channel_vacated"
+    assert DELAY <= waited < DELAY + 1.0
+    await eventually(settled([first, second]))
+    assert kinds(receiver, "room.1") == ["channel_occupied", "channel_vacated"]
+
+
+async def test_without_redis_the_node_decides_alone(
+    start_node: NodeFactory, receiver: Receiver
+) -> None:
+    node = await start_node(webhook_url=receiver.url, webhook_secret=(HOOK_SECRET,),
+                            webhook_vacate_delay=DELAY)
+    async with Client.connect(ws_url(node), make_token()) as a, \
+            Client.connect(ws_url(node), make_token()) as b:
+        await asyncio.gather(a.subscribe("room.1"), b.subscribe("room.1"))
+        await a.request("unsubscribe", channel="room.1")
+        await b.request("unsubscribe", channel="room.1")
+        await b.subscribe("room.1")  # within the delay
+        left = time.monotonic()
+        await b.request("unsubscribe", channel="room.1")
+        events = await receiver.next_events(2)
+        waited = time.monotonic() - left
+    assert [event["type"] for event in events] == ["channel_occupied", "channel_vacated"]
+    assert DELAY <= waited < DELAY + 1.0
+    await eventually(settled([node]))
+    assert kinds(receiver, "room.1") == ["channel_occupied", "channel_vacated"]
+
+
+async def test_a_node_that_dies_has_its_channels_vacated_after_the_ttl(
+    fleet: Fleet, receiver: Receiver, redis_server: RedisServer,
+    server_process: Callable[..., ServerProcess],
+) -> None:
+    [survivor] = await fleet(1, presence_ttl=1.0)
+    doomed = server_process(
+        "--jwt-secret", SECRET, "--redis-url", redis_server.url, "--node-id", "doomed",
+        "--webhook-url", receiver.url, "--webhook-secret", HOOK_SECRET,
+        "--webhook-vacate-delay", str(DELAY), "--presence-ttl", "1s",
+    )
+    async with Client.connect(doomed.url, make_token()) as client:
+        await client.subscribe("room.1")
+        assert (await receiver.next_event())["type"] == "channel_occupied"
+        doomed.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        vacated = await receiver.next_event(timeout=10)
+    waited = time.monotonic() - killed
+    assert (vacated["type"], vacated["channel"]) == ("channel_vacated", "room.1")
+    assert waited < 1.0 + DELAY + 2.0, f"vacated {waited:.1f}s after the node died"
+    await eventually(settled([survivor]))
+    assert kinds(receiver, "room.1") == ["channel_occupied", "channel_vacated"]
+
+
+async def test_client_publish_only_when_enabled(fleet: Fleet, receiver: Receiver) -> None:
+    [quiet] = await fleet(1)
+    [chatty] = await fleet(1, node_id="chatty", webhook_events=("client_publish",))
+    token = make_token(publish=[">"])
+    async with Client.connect(ws_url(quiet), token) as a, \
+            Client.connect(ws_url(chatty), token) as b:
+        await a.request("publish", channel="news", data="from quiet")
+        await b.request("publish", channel="news", data={"from": "chatty"})
+        event = await receiver.next_event()
+    assert event == {"type": "client_publish", "channel": "news", "user": "alice",
+                     "data": {"from": "chatty"}, "time_ms": event["time_ms"]}
+    await eventually(settled([quiet, chatty]))
+    assert kinds(receiver, "news") == ["client_publish"]
