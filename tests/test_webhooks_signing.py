@@ -113,3 +113,4 @@ def test_verify_refuses_missing_headers_and_bad_secrets() -> None:
         verify(SECRET, headers, body)
     with pytest.raises(WebhookVerificationError, match="whsec_"):
         verify("not-a-secret", forge(SECRET, "msg_1", int(time.time()), body), body)
+
