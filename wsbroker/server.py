@@ -27,6 +27,7 @@ from wsbroker.config import Settings
 from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
+from wsbroker.presence import PresenceService
 from wsbroker.session import (
     CLOSE_SERVICE_RESTART,
     CLOSE_TIMEOUT,
@@ -55,8 +56,11 @@ class Node:
         self.backplane = backplane if backplane is not None else create_backplane(settings)
         self.hub = Hub(self.backplane, self.metrics)
         self.verifier = Verifier(settings)
+        self.presence = PresenceService(settings, self.backplane, self.metrics)
+        """Members of --presence channels; the HTTP API reads it too (members, stats)."""
         self.services = NodeServices(
-            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler()
+            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler(),
+            self.presence,
         )
         self.sessions: set[Session] = set()
         self.draining = False
@@ -73,6 +77,7 @@ class Node:
         settings = self.settings
         self.backplane.bind(self.hub.on_message, self._on_backplane_state)
         await self.backplane.start()
+        await self.presence.start()
         self._server = await serve(
             self._serve_connection,
             settings.host,
@@ -138,6 +143,7 @@ class Node:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
         await self.hub.close()
+        await self.presence.stop()
         await self.backplane.stop()
         log.info("node %s stopped", self.settings.node_id)
 
