@@ -135,6 +135,13 @@ OPTIONS: tuple[Option, ...] = (
            is_list=True),
     Option("history", _text, None, "PATTERN=SIZE[:TTL] channels that keep history",
            is_list=True),
+    # Presence and join/leave (SPEC §11).
+    Option("presence", _text, None, "patterns of channels that keep a fleet-wide member list",
+           is_list=True),
+    Option("join-leave", _text, None, "patterns of channels that push join/leave frames",
+           is_list=True),
+    Option("presence-ttl", parse_duration, "60s",
+           "a dead node's members vanish within this; live ones are refreshed"),
     Option("allowed-origins", _text, None, "exact Origin values allowed to upgrade",
            is_list=True),
     Option("trusted-proxies", _text, None, "addresses/CIDRs whose X-Forwarded-For is believed",
@@ -156,8 +163,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("webhook-vacate-delay", parse_duration, "5s",
            "empty this long, fleet-wide, before channel_vacated/member_removed"),
     Option("webhook-queue", int, "10000", "webhook events pending at most; the excess is dropped"),
-    Option("presence-ttl", parse_duration, "60s",
-           "a dead node's subscriptions expire after this (refreshed by live nodes)"),
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -190,6 +195,9 @@ class Settings:
     drain_seconds: float = 10.0
     public_channels: PatternSet = PatternSet(())
     history: tuple[str, ...] = ()
+    presence: PatternSet = PatternSet(())
+    join_leave: PatternSet = PatternSet(())
+    presence_ttl: float = 60.0
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     tls_cert: str | None = None
@@ -204,7 +212,6 @@ class Settings:
     webhook_events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
     webhook_vacate_delay: float = 5.0
     webhook_queue: int = 10_000
-    presence_ttl: float = 60.0
     webhook_timeout: float = 10.0
     """Seconds one webhook request may take (no flag: SPEC §13 fixes it; tests shorten it)."""
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
@@ -243,6 +250,9 @@ def load_settings(
     return settings
 
 
+_PATTERN_LISTS = frozenset({"public_channels", "presence", "join_leave"})
+
+
 def _convert(option: Option, raw: Any) -> Any:
     if raw is None:
         if option.default is None:
@@ -250,7 +260,7 @@ def _convert(option: Option, raw: Any) -> Any:
         raw = [option.default] if option.is_list else option.default
     if option.is_list:
         items = parse_list([raw] if isinstance(raw, str) else raw)
-        if option.dest == "public_channels":
+        if option.dest in _PATTERN_LISTS:
             return PatternSet.parse(items)
         return items
     if not isinstance(raw, str):
@@ -278,6 +288,8 @@ def _validate(settings: Settings) -> None:
                           "(history answers not_enabled); remove the flag")
     if settings.redis_cluster and not settings.redis_url:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
+    if settings.presence_ttl < 1:
+        raise ConfigError("--presence-ttl must be at least 1s")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     _validate_webhooks(settings)
@@ -286,8 +298,6 @@ def _validate(settings: Settings) -> None:
 def _validate_webhooks(settings: Settings) -> None:
     from wsbroker.webhooks.signing import decode_secret
 
-    if settings.presence_ttl <= 0:
-        raise ConfigError("--presence-ttl must be more than 0")
     if settings.webhook_queue < 1:
         raise ConfigError("--webhook-queue must be at least 1")
     unknown = set(settings.webhook_events) - set(WEBHOOK_EVENTS)

@@ -28,6 +28,7 @@ from wsbroker.config import Settings
 from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
+from wsbroker.presence import PresenceService
 from wsbroker.session import (
     CLOSE_SERVICE_RESTART,
     CLOSE_TIMEOUT,
@@ -62,9 +63,12 @@ class Node:
         self.webhooks = _webhooks(settings, self.metrics)
         self.hub = Hub(self.backplane, self.metrics, self.webhooks)
         self.verifier = Verifier(settings)
+        self.presence = PresenceService(settings, self.backplane, self.metrics,
+                                        observer=self.webhooks)
+        """Members of --presence channels; the HTTP API reads it too (members, stats)."""
         self.services = NodeServices(
             settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler(),
-            self.webhooks,
+            self.presence, self.webhooks,
         )
         self.sessions: set[Session] = set()
         self.draining = False
@@ -81,6 +85,7 @@ class Node:
         settings = self.settings
         self.backplane.bind(self.hub.on_message, self._on_backplane_state)
         await self.backplane.start()
+        await self.presence.start()
         if self.webhooks is not None:
             await self.webhooks.start()
         self._server = await serve(
@@ -150,6 +155,7 @@ class Node:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
         await self.hub.close()
+        await self.presence.stop()
         if self.webhooks is not None:
             await self.webhooks.close()
         await self.backplane.stop()
