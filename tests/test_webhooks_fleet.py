@@ -18,6 +18,7 @@ from tests.conftest import NodeFactory, ws_url
 from tests.helpers import SECRET, Client, ServerProcess, eventually, make_token
 from tests.redis_server import RedisServer
 from tests.webhook_receiver import Receiver
+from wsbroker.channels import PatternSet
 from wsbroker.server import Node
 
 HOOK_SECRET = "whsec_" + base64.b64encode(b"f" * 32).decode()
@@ -150,3 +151,40 @@ async def test_client_publish_only_when_enabled(fleet: Fleet, receiver: Receiver
                      "data": {"from": "chatty"}, "time_ms": event["time_ms"]}
     await eventually(settled([quiet, chatty]))
     assert kinds(receiver, "news") == ["client_publish"]
+
+
+async def test_member_added_and_removed_once_per_user_across_nodes(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    nodes = await fleet(3, presence=PatternSet.parse(["chat.>"]))
+    async with contextlib.AsyncExitStack() as stack:
+        alices = [await stack.enter_async_context(Client.connect(ws_url(node), make_token()))
+                  for node in nodes for _ in range(2)]
+        bob = await stack.enter_async_context(
+            Client.connect(ws_url(nodes[0]), make_token("bob")))
+        await asyncio.gather(*(alice.subscribe("chat.1") for alice in alices))
+        await bob.subscribe("chat.1")
+        await alices[0].subscribe("plain")  # not a presence channel: no member events
+        await eventually(lambda: len(members(receiver)) == 2)
+        assert sorted(members(receiver)) == [("member_added", "alice"), ("member_added", "bob")]
+        await asyncio.gather(*(alice.request("unsubscribe", channel="chat.1")
+                               for alice in alices[1:]))
+        left = time.monotonic()
+        await alices[0].request("unsubscribe", channel="chat.1")  # alice's last one
+        await eventually(lambda: len(members(receiver)) == 3)
+        waited = time.monotonic() - left
+        await eventually(settled(nodes))
+    assert members(receiver)[2:] == [("member_removed", "alice")]
+    assert len(members(receiver)) == 3
+    assert DELAY <= waited < DELAY + 1.0
+    assert all(channel == "chat.1" for channel in member_channels(receiver))
+
+
+def members(receiver: Receiver) -> list[tuple[str, str]]:
+    return [(event["type"], event["user"]) for request in receiver.requests
+            for event in request.events if event["type"].startswith("member_")]
+
+
+def member_channels(receiver: Receiver) -> list[str]:
+    return [event["channel"] for request in receiver.requests for event in request.events
+            if event["type"].startswith("member_")]
