@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import NodeFactory, ws_url
 from tests.helpers import SECRET, Client, ServerProcess, eventually, make_token
+from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
 from tests.webhook_receiver import Receiver
 from wsbroker.channels import PatternSet
@@ -188,3 +189,27 @@ def members(receiver: Receiver) -> list[tuple[str, str]]:
 def member_channels(receiver: Receiver) -> list[str]:
     return [event["channel"] for request in receiver.requests for event in request.events
             if event["type"].startswith("member_")]
+
+
+async def test_on_a_redis_cluster_each_shard_gives_one_occupied_and_one_vacated(
+    redis_cluster_module: LocalCluster, start_node: NodeFactory, receiver: Receiver
+) -> None:
+    nodes = [await start_node(node_id=f"cnode-{index}", redis_url=redis_cluster_module.url,
+                              redis_cluster=True, webhook_url=receiver.url,
+                              webhook_secret=(HOOK_SECRET,), webhook_vacate_delay=DELAY)
+             for index in range(3)]
+    channels = redis_cluster_module.names_per_shard("hooks", prefix="ws:")
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client.connect(ws_url(node), make_token()))
+                   for node in nodes]
+
+        async def each(client: Client, op: str) -> None:
+            for channel in channels:
+                assert (await client.request(op, channel=channel))["type"] == "ok"
+
+        await asyncio.gather(*(each(client, "subscribe") for client in clients))
+        await asyncio.gather(*(each(client, "unsubscribe") for client in clients))
+        await receiver.next_events(2 * len(channels))
+        await eventually(settled(nodes))
+    for channel in channels:
+        assert kinds(receiver, channel) == ["channel_occupied", "channel_vacated"]

@@ -47,6 +47,7 @@ class Webhooks:
         )
         self.tracker: Tracker = create_tracker(settings, self._started, self._ended)
         self._members: dict[Subject, int] = {}
+        self._closed = False
 
     @property
     def settled(self) -> bool:
@@ -60,11 +61,17 @@ class Webhooks:
     async def drain(self, deadline: float) -> None:
         """Shutdown with time to spare: hand over holdings, then send what is pending
         until ``deadline`` (event-loop time)."""
+        if self._closed:
+            return
         await self.tracker.close()
         await self.dispatcher.drain(deadline)
-        await self.dispatcher.close()
+        await self.close()
 
     async def close(self) -> None:
+        """Stop now; what is still pending is dropped and counted."""
+        if self._closed:
+            return
+        self._closed = True
         await self.tracker.close()
         await self.dispatcher.close()
 
