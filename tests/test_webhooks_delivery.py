@@ -216,3 +216,18 @@ async def test_pending_batches_go_out_during_a_drain(
     publish = next(event for event in delivered if event["type"] == "client_publish")
     assert publish["data"] == {"n": 1} and publish["user"] == "alice"
     assert orjson.loads(receiver.requests[-1].body)["events"]
+
+
+async def test_large_publishes_go_in_batches_under_a_mebibyte(
+    start_node: NodeFactory, receiver: Receiver
+) -> None:
+    node = await hooked_node(start_node, receiver, rate_limit=NO_LIMIT)
+    big = "x" * 60_000
+    async with Client.connect(ws_url(node), make_token(publish=[">"])) as client:
+        await send_ops(client, [{"op": "publish", "channel": "files", "data": big}
+                                for _ in range(30)])
+        events = await receiver.next_events(30)
+    assert all(event["data"] == big for event in events)
+    sizes = [len(request.events) for request in receiver.requests]
+    assert sum(sizes) == 30 and len(sizes) >= 3, sizes
+    assert all(len(request.body) < 1024 * 1024 for request in receiver.requests)

@@ -36,6 +36,9 @@ log = logging.getLogger("wsbroker.webhooks")
 
 BATCH_WINDOW = 0.25
 BATCH_SIZE = 100
+BATCH_BYTES = 768 * 1024
+"""Client data one batch carries at most (unless one event alone is larger), so a
+request stays under the 1 MiB body limit common to receivers' frameworks."""
 MAX_IN_FLIGHT = 16
 """Requests open at once; further batches wait their turn (their events stay counted)."""
 
@@ -80,6 +83,7 @@ class Dispatcher:
         self._window = window
         self._batch_size = batch_size
         self._events: list[dict[str, Any]] = []
+        self._event_bytes = 0
         self._pending = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -96,13 +100,19 @@ class Dispatcher:
 
     # -- events in ----------------------------------------------------------------
 
-    def emit(self, event: dict[str, Any]) -> None:
-        """Queue one event (synchronous, O(1)); drop and count it when the queue is full."""
+    def emit(self, event: dict[str, Any], size: int = 0) -> None:
+        """Queue one event (synchronous, O(1)); drop and count it when the queue is full.
+
+        ``size`` is the length of the client data the event carries, if any.
+        """
         if self._pending >= self._limit:
             self._drop(1, "queue_full")
             return
         self._pending += 1
+        if self._events and self._event_bytes + size > BATCH_BYTES:
+            self._cut()  # this event would make the batch too big: it starts the next
         self._events.append(event)
+        self._event_bytes += size
         if len(self._events) >= self._batch_size:
             self._cut()
         elif self._timer is None:
@@ -114,6 +124,7 @@ class Dispatcher:
             self._timer.cancel()
             self._timer = None
         events, self._events = self._events, []
+        self._event_bytes = 0
         if not events:
             return
         body = orjson.dumps({"time_ms": time_ms(), "events": events})
@@ -226,6 +237,7 @@ class Dispatcher:
             self._drop(len(self._events), "shutdown")
             self._pending -= len(self._events)
             self._events = []
+            self._event_bytes = 0
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

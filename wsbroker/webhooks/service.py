@@ -110,7 +110,9 @@ class Webhooks:
     def client_publish(self, channel: str, user: str, data: bytes) -> None:
         """A client published ``data`` (encoded JSON) to ``channel``."""
         if "client_publish" in self.events:
-            self._emit("client_publish", channel, user=user, data=orjson.Fragment(data))
+            self.dispatcher.emit({"type": "client_publish", "channel": channel,
+                                  "time_ms": time_ms(), "user": user,
+                                  "data": orjson.Fragment(data)}, len(data))
 
     # -- tracker transitions → events --------------------------------------------------
 
