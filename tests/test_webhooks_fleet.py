@@ -213,3 +213,19 @@ async def test_on_a_redis_cluster_each_shard_gives_one_occupied_and_one_vacated(
         await eventually(settled(nodes))
     for channel in channels:
         assert kinds(receiver, channel) == ["channel_occupied", "channel_vacated"]
+
+
+async def test_a_draining_node_leaves_its_vacancy_to_the_others(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    leaving, staying = await fleet(2, drain_seconds=0.1)
+    async with Client.connect(ws_url(leaving), make_token()) as client:
+        await client.subscribe("room.1")
+        assert (await receiver.next_event())["type"] == "channel_occupied"
+        await leaving.drain()
+    drained = time.monotonic()
+    vacated = await receiver.next_event()
+    assert (vacated["type"], vacated["channel"]) == ("channel_vacated", "room.1")
+    assert time.monotonic() - drained < DELAY + 2.0
+    await eventually(settled([staying]))
+    assert kinds(receiver, "room.1") == ["channel_occupied", "channel_vacated"]

@@ -271,6 +271,7 @@ class RedisTracker(Tracker):
         self._tasks: list[asyncio.Task[None]] = []
         self._log_failure = Throttled(log, logging.WARNING)
         self._busy = False
+        self._closing = False
 
     @property
     def settled(self) -> bool:
@@ -304,6 +305,7 @@ class RedisTracker(Tracker):
     async def close(self) -> None:
         """Send the releases still queued (bounded), then stop; vacancies are left to
         the other nodes' sweeps (or the next node to start)."""
+        self._closing = True
         tasks, self._tasks = self._tasks, []
         for task in tasks[1:]:
             task.cancel()
@@ -392,6 +394,8 @@ class RedisTracker(Tracker):
             self._queue("sweep", None)  # more are due
 
     def _check_later(self, subject: Subject, delay: float) -> None:
+        if self._closing:
+            return  # the due set has it: another node (or the next to start) will look
         timer = self._timers.pop(subject, None)
         if timer is not None:
             timer.cancel()
@@ -412,6 +416,8 @@ class RedisTracker(Tracker):
             "webhook tracking: {count} Redis call(s) failed in the last 10 s at %s "
             "(latest: %s on %s); retrying", redact_url(self._url), exc, op)
         if subject is None:
+            return
+        if self._closing:
             return
         if op in ("hold", "refresh"):
             asyncio.get_running_loop().call_later(
