@@ -229,3 +229,20 @@ async def test_a_draining_node_leaves_its_vacancy_to_the_others(
     assert time.monotonic() - drained < DELAY + 2.0
     await eventually(settled([staying]))
     assert kinds(receiver, "room.1") == ["channel_occupied", "channel_vacated"]
+
+
+async def test_after_redis_loses_its_data_held_channels_are_announced_again(
+    fleet: Fleet, receiver: Receiver, redis_server: RedisServer
+) -> None:
+    [node] = await fleet(1, presence_ttl=1.5)
+    async with Client.connect(ws_url(node), make_token()) as client:
+        await client.subscribe("room.1")
+        assert (await receiver.next_event())["type"] == "channel_occupied"
+        redis_server.kill()
+        redis_server.start()  # empty: no persistence
+        again = await receiver.next_event()  # the node's refresh re-holds room.1
+        assert (again["type"], again["channel"]) == ("channel_occupied", "room.1")
+        await eventually(lambda: node.backplane.is_up)
+        await client.request("unsubscribe", channel="room.1")
+        vacated = await receiver.next_event()
+    assert (vacated["type"], vacated["channel"]) == ("channel_vacated", "room.1")

@@ -272,6 +272,8 @@ class RedisTracker(Tracker):
         self._log_failure = Throttled(log, logging.WARNING)
         self._busy = False
         self._closing = False
+        self._unsure: set[Subject] = set()  # holds that failed: repeated a second later
+        self._retrying: asyncio.TimerHandle | None = None
 
     @property
     def settled(self) -> bool:
@@ -312,6 +314,8 @@ class RedisTracker(Tracker):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        if self._retrying is not None:
+            self._retrying.cancel()
         self._ops = collections.deque(op for op in self._ops if op[0] in ("hold", "release"))
         if tasks:
             worker = tasks[0]
@@ -420,10 +424,18 @@ class RedisTracker(Tracker):
         if self._closing:
             return
         if op in ("hold", "refresh"):
-            asyncio.get_running_loop().call_later(
-                RETRY_AFTER_FAILURE, self._queue, "refresh", subject)
+            self._unsure.add(subject)
+            if self._retrying is None:
+                self._retrying = asyncio.get_running_loop().call_later(
+                    RETRY_AFTER_FAILURE, self._retry_holds)
         elif op == "settle":
             self._check_later(subject, RETRY_AFTER_FAILURE)
+
+    def _retry_holds(self) -> None:
+        self._retrying = None
+        unsure, self._unsure = self._unsure, set()
+        for subject in unsure:
+            self._queue("refresh", subject)
 
     def _keys(self, subject: Subject) -> list[str]:
         tag = "{" + self._prefix + subject.channel + "}"
