@@ -231,3 +231,18 @@ async def test_large_publishes_go_in_batches_under_a_mebibyte(
     sizes = [len(request.events) for request in receiver.requests]
     assert sum(sizes) == 30 and len(sizes) >= 3, sizes
     assert all(len(request.body) < 1024 * 1024 for request in receiver.requests)
+
+
+async def test_a_batch_is_dropped_and_counted_after_the_last_retry(
+    start_node: NodeFactory, receiver: Receiver
+) -> None:
+    receiver.default = Reply(500)
+    node = await hooked_node(start_node, receiver)
+    async with Client.connect(ws_url(node), make_token()) as client:
+        await client.subscribe("room.1")
+        attempts = [await receiver.next_request() for _ in range(1 + len(FAST_RETRIES))]
+    assert len({attempt.id for attempt in attempts}) == 1
+    await eventually(lambda: node.webhooks is not None and node.webhooks.dispatcher.pending == 0)
+    assert await metric(node, "wsbroker_webhook_events_dropped_total",
+                        'reason="retries_exhausted"') == 1
+    assert len(receiver.requests) == 1 + len(FAST_RETRIES)
