@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -111,6 +111,9 @@ return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[3])}
 REFRESH_CHUNK = 1000
 """Clients per refresh call: bounds how long one script holds Redis."""
 
+PIPELINE_MEMBERS = 10_000
+"""Members refreshed per round trip: a tick's calls go pipelined, up to this many."""
+
 MAX_IN_FLIGHT = 64
 """Script calls at once; the rest wait their turn. redis-py 8's pools refuse a
 101st connection outright, so a burst of subscribes (a fleet reconnecting after
@@ -171,13 +174,21 @@ class RedisPresenceStore(PresenceStore):
         with contextlib.suppress(BackplaneUnavailable):  # it expires within the TTL
             await self._run(self._remove, channel, member.client.encode(), member.user.encode())
 
-    async def refresh(self, channel: str, members: Sequence[Member]) -> list[Member]:
-        missing: list[Member] = []
-        for start in range(0, len(members), REFRESH_CHUNK):
-            chunk = members[start : start + REFRESH_CHUNK]
-            positions = await self._run(self._refresh, channel, self._ttl_ms,
-                                        *(member.client.encode() for member in chunk))
-            missing.extend(chunk[int(position) - 1] for position in positions)
+    async def refresh(self, held: Mapping[str, Sequence[Member]]) -> list[tuple[str, Member]]:
+        calls = [(channel, members[start : start + REFRESH_CHUNK])
+                 for channel, members in held.items()
+                 for start in range(0, len(members), REFRESH_CHUNK)]
+        missing: list[tuple[str, Member]] = []
+        while calls:
+            batch, size = [], 0
+            while calls and size < PIPELINE_MEMBERS:
+                batch.append(calls.pop())
+                size += len(batch[-1][1])
+            replies = await self._pipelined(self._refresh, [
+                (self.keys(channel), (self._ttl_ms, *(m.client.encode() for m in chunk)))
+                for channel, chunk in batch])
+            for (channel, chunk), positions in zip(batch, replies, strict=True):
+                missing.extend((channel, chunk[int(position) - 1]) for position in positions)
         return missing
 
     async def members(self, channel: str) -> list[bytes]:
@@ -187,6 +198,32 @@ class RedisPresenceStore(PresenceStore):
     async def stats(self, channel: str) -> PresenceStats:
         clients, users = await self._run(self._stats, channel)
         return PresenceStats(int(clients), int(users))
+
+    async def _pipelined(
+        self, script: _Script, calls: list[tuple[Sequence[bytes], Sequence[bytes | int]]]
+    ) -> list[Any]:
+        """One round trip of ``script`` calls (per master, on a cluster)."""
+        try:
+            async with self._in_flight:
+                try:
+                    return await self._pipeline(script.sha, calls, by_sha=True)
+                except NoScriptError:  # a server that restarted: EVAL caches it again
+                    return await self._pipeline(script.source, calls, by_sha=False)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            raise BackplaneUnavailable(f"Redis presence: {exc}") from exc
+
+    async def _pipeline(
+        self, script: str, calls: list[tuple[Sequence[bytes], Sequence[bytes | int]]],
+        *, by_sha: bool,
+    ) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            if by_sha:
+                pipe.evalsha(script, len(keys), *keys, *args)
+            else:
+                pipe.eval(script, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute()
+        return replies
 
     async def _run(self, script: _Script, channel: str, *args: bytes | int) -> Any:
         try:
