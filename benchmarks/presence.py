@@ -43,6 +43,9 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks import loadgen, processes
+from wsbroker.config import Settings
+from wsbroker.presence import Member
+from wsbroker.presence.redis import RedisPresenceStore
 
 SERVER_CPU = 0
 LOAD_CPU = 1
@@ -110,7 +113,7 @@ async def timed(rounds: int, call: Callable[[], Awaitable[object]]) -> dict[str,
 
 
 async def members_phase(args: argparse.Namespace, ports: list[int], secret: str,
-                        rds: redis.Redis) -> dict[str, Any]:
+                        rds: redis.Redis, redis_port: int) -> dict[str, Any]:
     per_node = args.members // len(ports)
     gens = [loadgen.Generator("127.0.0.1", port, "/ws", token_secret=secret) for port in ports]
     calls_before = script_calls(rds)
@@ -138,6 +141,13 @@ async def members_phase(args: argparse.Namespace, ports: list[int], secret: str,
                 "presence": await timed(max(10, args.rounds // 4), functools.partial(
                     rpc.call, "presence", channel=ROOM)),
             }
+    store = RedisPresenceStore(Settings(redis_url=f"redis://127.0.0.1:{redis_port}",
+                                        node_id="bench-harness"))
+    report["store_direct"] = {
+        "stats": await timed(args.rounds, functools.partial(store.stats, ROOM)),
+        "members": await timed(max(10, args.rounds // 4), functools.partial(store.members, ROOM)),
+    }
+    await store.stop()
     keys = [f"{{ws:{ROOM}}}:presence", f"{{ws:{ROOM}}}:presence:expiry",
             f"{{ws:{ROOM}}}:presence:users"]
     sizes = [int(rds.memory_usage(key, samples=0) or 0) for key in keys]
@@ -215,6 +225,27 @@ async def fanout_phase(args: argparse.Namespace, ports: list[int], pids: list[in
             "all_delivered_seconds": round(delivered_in, 2), **nodes}
 
 
+async def refresh_phase(args: argparse.Namespace, redis_port: int) -> dict[str, Any]:
+    """The refresh a node does, timed from the harness: many members on many channels."""
+    store = RedisPresenceStore(Settings(redis_url=f"redis://127.0.0.1:{redis_port}",
+                                        node_id="bench-refresh"))
+    channels = max(1, args.refresh_members // 4)
+    held: dict[str, list[Member]] = {}
+    for i in range(args.refresh_members):
+        held.setdefault(f"bench.many.{i % channels}", []).append(Member.of(f"r{i}", f"u{i}"))
+    await asyncio.gather(*(store.add(channel, member)
+                           for channel, members in held.items() for member in members))
+    started = time.perf_counter()
+    lost = await store.refresh(held)
+    took = time.perf_counter() - started
+    await store.stop()
+    assert lost == [], len(lost)
+    return {"members": args.refresh_members, "channels": channels,
+            "seconds_for_all": round(took, 3),
+            "us_per_member": round(took / args.refresh_members * 1e6, 2),
+            "note": "a node refreshes 1/20 of its members per tick (1 s at the default TTL)"}
+
+
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     loadgen.raise_fd_limit()
     logdir = Path(tempfile.mkdtemp(prefix="wsb-presence-bench-"))
@@ -229,7 +260,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 port, redis_port, secret, f"bench-{index + 1}"), SERVER_CPU, logdir, env))
             processes.wait_port(port, 20, nodes[-1].proc)
         rds = redis.Redis(port=redis_port)
-        report: dict[str, Any] = {"presence": await members_phase(args, ports, secret, rds)}
+        report: dict[str, Any] = {"presence": await members_phase(args, ports, secret, rds,
+                                                                    redis_port)}
+        if args.refresh_members:
+            report["refresh"] = await refresh_phase(args, redis_port)
         if args.listeners:
             report["join_leave"] = await fanout_phase(
                 args, ports, [node.pid for node in nodes], secret)
@@ -252,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listeners", type=int, default=2000,
                         help="subscribers of the join/leave channel (0 skips the phase)")
     parser.add_argument("--events", type=int, default=100, help="join+leave pairs")
+    parser.add_argument("--refresh-members", type=int, default=20_000,
+                        help="members (4 per channel) for the refresh timing (0 skips it)")
     args = parser.parse_args(argv)
     with contextlib.suppress(ImportError):
         import uvloop
