@@ -107,15 +107,11 @@ end
 return missing
 """
 
-MEMBERS = _CLOCK + _EXPIRE + """
+EXPIRE = _CLOCK + _EXPIRE + """
 drop_expired(now_ms())
-return redis.call('HVALS', KEYS[1])
 """
-
-STATS = _CLOCK + _EXPIRE + """
-drop_expired(now_ms())
-return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[3])}
-"""
+"""Run before every read, in the same pipeline: the read itself is a plain
+``HVALS``/``HLEN``, so 10,000 members are not copied through Lua and back."""
 
 REFRESH_CHUNK = 1000
 """Clients per refresh call, over as many channels as fit (in one slot, on a
@@ -184,8 +180,7 @@ class RedisPresenceStore(PresenceStore):
             self._client = Redis.from_url(settings.redis_url, **options)
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._add, self._remove = _Script(ADD), _Script(REMOVE)
-        self._refresh, self._members, self._stats = _Script(REFRESH), _Script(MEMBERS), _Script(
-            STATS)
+        self._refresh, self._expire = _Script(REFRESH), _Script(EXPIRE)
 
     def keys(self, channel: str) -> tuple[bytes, bytes, bytes]:
         """The channel's member hash, expiry sorted set and user-count hash."""
@@ -238,29 +233,34 @@ class RedisPresenceStore(PresenceStore):
         return calls
 
     async def members(self, channel: str) -> list[bytes]:
-        values: list[bytes] = await self._run(self._members, channel)
+        keys = self.keys(channel)
+        values: list[bytes] = (await self._pipelined(
+            self._expire, [(keys, ())], then=[("HVALS", keys[0])]))[-1]
         return values
 
     async def stats(self, channel: str) -> PresenceStats:
-        clients, users = await self._run(self._stats, channel)
+        keys = self.keys(channel)
+        clients, users = (await self._pipelined(
+            self._expire, [(keys, ())], then=[("HLEN", keys[0]), ("HLEN", keys[2])]))[-2:]
         return PresenceStats(int(clients), int(users))
 
     async def _pipelined(
-        self, script: _Script, calls: list[tuple[Sequence[bytes], Sequence[bytes | int]]]
+        self, script: _Script, calls: list[tuple[Sequence[bytes], Sequence[bytes | int]]],
+        then: Sequence[tuple[str, bytes]] = (),
     ) -> list[Any]:
-        """One round trip of ``script`` calls (per master, on a cluster)."""
+        """One round trip (per master, on a cluster): ``script`` calls, then commands."""
         try:
             async with self._in_flight:
                 try:
-                    return await self._pipeline(script.sha, calls, by_sha=True)
+                    return await self._pipeline(script.sha, calls, then, by_sha=True)
                 except NoScriptError:  # a server that restarted: EVAL caches it again
-                    return await self._pipeline(script.source, calls, by_sha=False)
+                    return await self._pipeline(script.source, calls, then, by_sha=False)
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise BackplaneUnavailable(f"Redis presence: {exc}") from exc
 
     async def _pipeline(
         self, script: str, calls: list[tuple[Sequence[bytes], Sequence[bytes | int]]],
-        *, by_sha: bool,
+        then: Sequence[tuple[str, bytes]], *, by_sha: bool,
     ) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for keys, args in calls:
@@ -268,6 +268,8 @@ class RedisPresenceStore(PresenceStore):
                 pipe.evalsha(script, len(keys), *keys, *args)
             else:
                 pipe.eval(script, len(keys), *keys, *args)
+        for command, key in then:
+            pipe.execute_command(command, key)
         replies: list[Any] = await pipe.execute()
         return replies
 
