@@ -220,7 +220,9 @@ async def fanout_phase(args: argparse.Namespace, ports: list[int], pids: list[in
         for sub in gen.subscribers:
             if sub.transport is not None:
                 sub.transport.abort()
-    return {"listeners": listeners, "events": events, "frames_expected": events * listeners,
+    failed = sum(sum(gen.failures.values()) for gen in gens)
+    return {"listeners": listeners, "listeners_failed": failed, "events": events,
+            "frames_expected": events * listeners,
             "frames_received": received, "ops_seconds": round(sent, 2),
             "all_delivered_seconds": round(delivered_in, 2), **nodes}
 
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200, help="presence_stats calls per node")
     parser.add_argument("--idle", type=float, default=10.0,
                         help="seconds of idle refresh traffic to count")
-    parser.add_argument("--listeners", type=int, default=2000,
+    parser.add_argument("--listeners", type=int, default=1000,
                         help="subscribers of the join/leave channel (0 skips the phase)")
     parser.add_argument("--events", type=int, default=100, help="join+leave pairs")
     parser.add_argument("--refresh-members", type=int, default=20_000,
