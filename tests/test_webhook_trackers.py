@@ -43,10 +43,10 @@ async def fleet(
     elif engine == "cluster":
         url = request.getfixturevalue("redis_cluster_module").url
 
-    def on_start(subject: Subject) -> None:
+    def on_start(subject: Subject, when: int) -> None:
         events.append(("start", subject))
 
-    def on_end(subject: Subject) -> None:
+    def on_end(subject: Subject, when: int) -> None:
         events.append(("end", subject))
 
     def start(**overrides: Any) -> Tracker:

@@ -64,11 +64,13 @@ async def test_concurrent_joins_on_three_nodes_give_one_occupied_and_one_vacated
         for round_ in range(3):
             channel = f"room.{round_}"
             await asyncio.gather(*(client.subscribe(channel) for client in clients))
-            assert (await receiver.next_event())["type"] == "channel_occupied"
+            occupied = await receiver.next_event()
+            assert occupied["type"] == "channel_occupied"
             await asyncio.gather(*(client.request("unsubscribe", channel=channel)
                                    for client in clients))
             vacated = await receiver.next_event()
             assert (vacated["type"], vacated["channel"]) == ("channel_vacated", channel)
+            assert vacated["time_ms"] - occupied["time_ms"] >= DELAY * 1000
             await eventually(settled(nodes))
             assert kinds(receiver, channel) == ["channel_occupied", "channel_vacated"]
 

@@ -116,19 +116,18 @@ class Webhooks:
 
     # -- tracker transitions → events --------------------------------------------------
 
-    def _started(self, subject: Subject) -> None:
+    def _started(self, subject: Subject, when: int) -> None:
         if subject.user is None:
-            self._emit("channel_occupied", subject.channel)
+            self._emit("channel_occupied", subject.channel, when)
         else:
-            self._emit("member_added", subject.channel, user=subject.user)
+            self._emit("member_added", subject.channel, when, user=subject.user)
 
-    def _ended(self, subject: Subject) -> None:
+    def _ended(self, subject: Subject, when: int) -> None:
         if subject.user is None:
-            self._emit("channel_vacated", subject.channel)
+            self._emit("channel_vacated", subject.channel, when)
         else:
-            self._emit("member_removed", subject.channel, user=subject.user)
+            self._emit("member_removed", subject.channel, when, user=subject.user)
 
-    def _emit(self, kind: str, channel: str, **extra: Any) -> None:
+    def _emit(self, kind: str, channel: str, when: int, **extra: Any) -> None:
         if kind in self.events:
-            self.dispatcher.emit({"type": kind, "channel": channel, "time_ms": time_ms(),
-                                  **extra})
+            self.dispatcher.emit({"type": kind, "channel": channel, "time_ms": when, **extra})

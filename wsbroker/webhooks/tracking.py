@@ -22,6 +22,7 @@ import contextlib
 import logging
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,9 @@ class Subject:
         return cls(channel, user[0] if kind == "mem" else None)
 
 
-Transition = Callable[[Subject], None]
+Transition = Callable[[Subject, int], None]
+"""Called with the subject and when the transition happened (Unix ms): with Redis,
+Redis's clock, so one channel's events are in order whichever node reports them."""
 
 
 class Tracker(abc.ABC):
@@ -110,7 +113,7 @@ class MemoryTracker(Tracker):
             timer.cancel()  # re-occupied within the delay: neither event
         if subject not in self._started:
             self._started.add(subject)
-            self._on_start(subject)
+            self._on_start(subject, _now_ms())
 
     def release(self, subject: Subject) -> None:
         if subject in self._started and subject not in self._vacancies:
@@ -120,7 +123,7 @@ class MemoryTracker(Tracker):
     def _end(self, subject: Subject) -> None:
         del self._vacancies[subject]
         self._started.discard(subject)
-        self._on_end(subject)
+        self._on_end(subject, _now_ms())
 
     async def close(self) -> None:
         """The fleet ends with this node: vacancies it was waiting on end now."""
@@ -377,9 +380,9 @@ class RedisTracker(Tracker):
     async def _outcome(self, subject: Subject, reply: list[int]) -> None:
         ended, started, now, next_check = (int(value) for value in reply)
         if ended:
-            self._on_end(subject)
+            self._on_end(subject, now)
         if started:
-            self._on_start(subject)
+            self._on_start(subject, now)
         if next_check:
             await self._redis.zadd(self._due_key, {subject.key: next_check}, lt=True)
             if next_check - now <= self._delay_ms:  # a vacancy: look at it on time
@@ -441,6 +444,10 @@ class RedisTracker(Tracker):
         tag = "{" + self._prefix + subject.channel + "}"
         rest = "occ" if subject.user is None else "mem:" + subject.user
         return [f"{tag}:webhook-holders:{rest}", f"{tag}:webhook-state:{rest}"]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def create_tracker(settings: Settings, on_start: Transition, on_end: Transition) -> Tracker:
