@@ -248,3 +248,20 @@ async def test_after_redis_loses_its_data_held_channels_are_announced_again(
         await client.request("unsubscribe", channel="room.1")
         vacated = await receiver.next_event()
     assert (vacated["type"], vacated["channel"]) == ("channel_vacated", "room.1")
+
+
+async def test_member_events_without_redis(start_node: NodeFactory, receiver: Receiver) -> None:
+    node = await start_node(webhook_url=receiver.url, webhook_secret=(HOOK_SECRET,),
+                            webhook_vacate_delay=DELAY, presence=PatternSet.parse(["chat.>"]),
+                            webhook_events=("member_added", "member_removed"))
+    async with Client.connect(ws_url(node), make_token()) as a, \
+            Client.connect(ws_url(node), make_token()) as b:
+        await a.subscribe("chat.1")
+        await b.subscribe("chat.1")
+        await a.request("unsubscribe", channel="chat.1")
+        await b.request("unsubscribe", channel="chat.1")
+        events = await receiver.next_events(2)
+    assert [(event["type"], event["user"]) for event in events] == [
+        ("member_added", "alice"), ("member_removed", "alice")]
+    await eventually(settled([node]))
+    assert len(members(receiver)) == 2
