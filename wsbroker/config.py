@@ -111,6 +111,10 @@ def _lowercase(value: str) -> str:
     return value.strip().lower()
 
 
+DEFAULT_WEBHOOK_EVENTS = ("channel_occupied", "channel_vacated", "member_added", "member_removed")
+WEBHOOK_EVENTS = (*DEFAULT_WEBHOOK_EVENTS, "client_publish")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", _text, "127.0.0.1", "address to listen on"),
     Option("port", int, "8765", "port to listen on (0 picks a free one)"),
@@ -137,6 +141,13 @@ OPTIONS: tuple[Option, ...] = (
            is_list=True),
     Option("history", _text, None, "PATTERN=SIZE[:TTL] channels that keep history",
            is_list=True),
+    # Presence and join/leave (SPEC §11).
+    Option("presence", _text, None, "patterns of channels that keep a fleet-wide member list",
+           is_list=True),
+    Option("join-leave", _text, None, "patterns of channels that push join/leave frames",
+           is_list=True),
+    Option("presence-ttl", parse_duration, "60s",
+           "a dead node's members vanish within this; live ones are refreshed"),
     Option("allowed-origins", _text, None, "exact Origin values allowed to upgrade",
            is_list=True),
     Option("trusted-proxies", _text, None, "addresses/CIDRs whose X-Forwarded-For is believed",
@@ -149,6 +160,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-format", _lowercase, "text", "text or json (any case)"),
     Option("dev", parse_bool, "false", "development mode: generated key, demo page",
            is_flag=True),
+    # -- webhooks (SPEC §13) --
+    Option("webhook-url", _text, None, "POST signed channel events to this http(s) URL"),
+    Option("webhook-secret", _text, None, "whsec_… secrets signing webhooks (needed with a URL)",
+           is_list=True),
+    Option("webhook-events", _text, ",".join(DEFAULT_WEBHOOK_EVENTS),
+           "events to send; add client_publish to hear publishes", is_list=True),
+    Option("webhook-vacate-delay", parse_duration, "5s",
+           "empty this long, fleet-wide, before channel_vacated/member_removed"),
+    Option("webhook-queue", int, "10000", "webhook events pending at most; the excess is dropped"),
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -185,6 +205,9 @@ class Settings:
     drain_seconds: float = 10.0
     public_channels: PatternSet = PatternSet(())
     history: HistoryRules = HistoryRules()
+    presence: PatternSet = PatternSet(())
+    join_leave: PatternSet = PatternSet(())
+    presence_ttl: float = 60.0
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     tls_cert: str | None = None
@@ -194,6 +217,15 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     dev: bool = False
+    webhook_url: str | None = None
+    webhook_secret: tuple[str, ...] = ()
+    webhook_events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+    webhook_vacate_delay: float = 5.0
+    webhook_queue: int = 10_000
+    webhook_timeout: float = 10.0
+    """Seconds one webhook request may take (no flag: SPEC §13 fixes it; tests shorten it)."""
+    webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+    """Pause before each retry, jittered (no flag; tests shorten it)."""
 
     @property
     def has_key(self) -> bool:
@@ -228,6 +260,9 @@ def load_settings(
     return settings
 
 
+_PATTERN_LISTS = frozenset({"public_channels", "presence", "join_leave"})
+
+
 def _convert(option: Option, raw: Any) -> Any:
     if raw is None:
         if option.default is None:
@@ -235,7 +270,7 @@ def _convert(option: Option, raw: Any) -> Any:
         raw = [option.default] if option.is_list else option.default
     if option.is_list:
         items = parse_list([raw] if isinstance(raw, str) else raw)
-        if option.dest == "public_channels":
+        if option.dest in _PATTERN_LISTS:
             return PatternSet.parse(items)
         if option.dest == "history":
             return HistoryRules.parse(items)
@@ -272,8 +307,11 @@ def _validate(settings: Settings) -> None:
                           "{<prefix><channel>} as their Redis Cluster hash tag)")
     if settings.redis_cluster and not settings.redis_url:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
+    if settings.presence_ttl < 1:
+        raise ConfigError("--presence-ttl must be at least 1s")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    _validate_webhooks(settings)
 
 
 def _validate_key(settings: Settings) -> None:
@@ -297,3 +335,26 @@ def _validate_key(settings: Settings) -> None:
     if unknown:
         raise ConfigError(f"--jwt-algorithms: unknown {', '.join(map(repr, unknown))}; "
                           f"use some of {', '.join(JWT_ALGORITHMS)} (names are case-sensitive)")
+
+
+def _validate_webhooks(settings: Settings) -> None:
+    from wsbroker.webhooks.signing import decode_secret
+
+    if settings.webhook_queue < 1:
+        raise ConfigError("--webhook-queue must be at least 1")
+    unknown = set(settings.webhook_events) - set(WEBHOOK_EVENTS)
+    if unknown:
+        raise ConfigError(f"--webhook-events: unknown {', '.join(sorted(unknown))}; "
+                          f"use {', '.join(WEBHOOK_EVENTS)}")
+    if not settings.webhook_url:
+        return
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", settings.webhook_url):
+        raise ConfigError("--webhook-url must be an http:// or https:// URL")
+    if not settings.webhook_secret:
+        raise ConfigError("--webhook-secret is required with --webhook-url "
+                          "(a whsec_<base64> secret shared with the receiver)")
+    for index, secret in enumerate(settings.webhook_secret, 1):
+        try:
+            decode_secret(secret)
+        except ValueError as exc:
+            raise ConfigError(f"--webhook-secret (entry {index}): {exc}") from None

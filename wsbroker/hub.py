@@ -29,7 +29,15 @@ from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.history import HistoryNotEnabled, HistoryPage, HistoryRules, Position, Published
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
-from wsbroker.protocol import Since, decode_payload, encode_envelope, encode_message, text_frame
+from wsbroker.protocol import (
+    MemberEvent,
+    Since,
+    decode_payload,
+    encode_envelope,
+    encode_member_frame,
+    encode_message,
+    text_frame,
+)
 from wsbroker.recovery import INSUFFICIENT_STATE, ChannelHistory, Confirm, message_frame
 
 log = logging.getLogger("wsbroker.hub")
@@ -49,12 +57,31 @@ class Outgoing:
 class Subscriber(Protocol):
     """What the hub needs from a session: take a frame now, without awaiting."""
 
+    client_id: str
+    """The connection's id: a member never receives its own join or leave."""
+
     def deliver(self, message: Outgoing) -> bool:
         """Queue ``message``; False if this subscriber is closing and took nothing."""
         ...
 
     def unsubscribed(self, channel: str, reason: str) -> None:
         """The hub dropped this subscription (its history was lost); tell the client."""
+        ...
+
+
+class ChannelObserver(Protocol):
+    """Told when this node starts and stops holding a channel (webhook occupancy).
+
+    Both are called synchronously on the subscribe/unsubscribe path, paired,
+    and must neither block nor raise.
+    """
+
+    def channel_held(self, channel: str) -> None:
+        """The first local subscriber of ``channel`` arrived."""
+        ...
+
+    def channel_released(self, channel: str) -> None:
+        """The last local subscriber of ``channel`` left."""
         ...
 
 
@@ -72,11 +99,13 @@ class Hub:
     """Tracks who is subscribed to what on this node and fans messages out."""
 
     def __init__(self, backplane: Backplane, metrics: Metrics,
-                 history: HistoryRules | None = None, replay_budget: int = 1024 * 1024) -> None:
+                 history: HistoryRules | None = None, replay_budget: int = 1024 * 1024,
+                 observer: ChannelObserver | None = None) -> None:
         self._backplane = backplane
         self._metrics = metrics
         self._rules = history or HistoryRules()
         self._replay_budget = replay_budget
+        self._observer = observer
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
         self._closed = False
@@ -123,8 +152,8 @@ class Hub:
         try:
             await asyncio.shield(state.ready)
             if state.history is not None:
-                return await state.history.join(subscriber, since,
-                                                lambda: self._add(state, subscriber), confirm)
+                return await state.history.join(
+                    subscriber, since, lambda: self._add(channel, state, subscriber), confirm)
         except asyncio.CancelledError:
             caller = asyncio.current_task()
             if state.ready.cancelled() and caller is not None and not caller.cancelling():
@@ -141,13 +170,15 @@ class Hub:
                 self._release_backplane(channel)  # its history could not be read
         if self._closed:  # close() ran meanwhile
             raise BackplaneUnavailable("the node is shutting down")
-        self._add(state, subscriber)
+        self._add(channel, state, subscriber)
         if confirm is not None:
             confirm(None)
         return None
 
-    def _add(self, state: _Channel, subscriber: Subscriber) -> None:
+    def _add(self, channel: str, state: _Channel, subscriber: Subscriber) -> None:
         if subscriber not in state.subscribers:
+            if not state.subscribers and self._observer is not None:
+                self._observer.channel_held(channel)
             state.subscribers[subscriber] = None
             self._subscription_count += 1
             self._metrics.subscriptions.set(self._subscription_count)
@@ -165,6 +196,8 @@ class Hub:
         del state.subscribers[subscriber]
         self._subscription_count -= 1
         self._metrics.subscriptions.set(self._subscription_count)
+        if not state.subscribers and self._observer is not None:
+            self._observer.channel_released(channel)
         if self._forget_if_idle(channel, state):
             await self._backplane.unsubscribe(channel)
 
@@ -196,6 +229,9 @@ class Hub:
         except ValueError as exc:
             self._drop_invalid(channel, exc)
             return
+        if envelope.event is not None:
+            self._announce(channel, state, envelope.event, started)
+            return
         history = state.history
         if history is not None and envelope.offset is not None and envelope.epoch is not None:
             history.receive(envelope)
@@ -209,6 +245,18 @@ class Hub:
             delivered += subscriber.deliver(message)
         metrics.messages_delivered.inc(delivered)
         metrics.fanout_seconds.observe(time.perf_counter() - started)
+
+    def _announce(
+        self, channel: str, state: _Channel, event: MemberEvent, started: float
+    ) -> None:
+        """Fan a join/leave out, framed once, to every local subscriber but the member."""
+        message = Outgoing.of(encode_member_frame(event.kind, channel, event.member))
+        delivered = 0
+        for subscriber in state.subscribers:
+            if subscriber.client_id != event.client:
+                delivered += subscriber.deliver(message)
+        self._metrics.messages_delivered.inc(delivered)
+        self._metrics.fanout_seconds.observe(time.perf_counter() - started)
 
     # -- publishing and history ------------------------------------------------------
 
@@ -258,6 +306,8 @@ class Hub:
         self._metrics.subscriptions.set(self._subscription_count)
         for subscriber in subscribers:
             subscriber.unsubscribed(channel, INSUFFICIENT_STATE)
+        if subscribers and self._observer is not None:
+            self._observer.channel_released(channel)
         if self._forget_if_idle(channel, state):
             self._release_backplane(channel)
 

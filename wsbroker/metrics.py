@@ -62,9 +62,19 @@ class Metrics:
             "wsbroker_recoveries", "History recoveries: a client's subscribe with since "
             "(recovered, not_recovered) or this node reading a gap (node_recovered, node_lost).",
             ["result"], registry=r)
+        self.presence_members = Gauge(
+            "wsbroker_presence_members",
+            "Presence members this node holds (its subscriptions on --presence channels).",
+            registry=r, multiprocess_mode="livesum")
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)
+        self.webhook_requests = Counter(
+            "wsbroker_webhook_requests", "Webhook request attempts, by result.", ["result"],
+            registry=r)
+        self.webhook_events_dropped = Counter(
+            "wsbroker_webhook_events_dropped", "Webhook events never delivered, by reason.",
+            ["reason"], registry=r)
 
     def render(self) -> bytes:
         if self._multiprocess_dir is None:

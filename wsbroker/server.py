@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -28,7 +29,11 @@ from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
 from wsbroker.outbox import CLOSE_TIMEOUT, Connection
+from wsbroker.presence import PresenceService
 from wsbroker.session import CLOSE_SERVICE_RESTART, NodeServices, Session
+
+if TYPE_CHECKING:
+    from wsbroker.webhooks.service import Webhooks
 
 log = logging.getLogger("wsbroker.server")
 
@@ -37,6 +42,8 @@ PING_TIMEOUT = 20.0
 UNBOUNDED_WRITE_LIMIT = 1 << 30  # uvloop takes a C int
 SINGLE_HEADERS = ("Upgrade", "Origin", "Authorization")
 """Headers we read one value of: a request repeating one is refused with 400."""
+WEBHOOK_FLUSH_MIN = 1.0
+"""Seconds webhooks get at the end of a drain even when the closes used all of it."""
 
 
 class Node:
@@ -51,11 +58,16 @@ class Node:
         self.settings = settings
         self.metrics = Metrics(metrics_dir)
         self.backplane = backplane if backplane is not None else create_backplane(settings)
+        self.webhooks = _webhooks(settings, self.metrics)
         self.hub = Hub(self.backplane, self.metrics, settings.history,
-                       replay_budget=settings.max_send_buffer)
+                       replay_budget=settings.max_send_buffer, observer=self.webhooks)
         self.verifier = Verifier(settings)
+        self.presence = PresenceService(settings, self.backplane, self.metrics,
+                                        observer=self.webhooks)
+        """Members of --presence channels; the HTTP API reads it too (members, stats)."""
         self.services = NodeServices(
-            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler()
+            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler(),
+            self.presence, self.webhooks,
         )
         self.sessions: set[Session] = set()
         self.draining = False
@@ -73,6 +85,9 @@ class Node:
         self.backplane.bind(self.hub.on_message, self._on_backplane_state, self.hub.resync)
         await self.backplane.start()
         self.verifier.start()  # a JWKS is fetched now; /readyz waits for it
+        await self.presence.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self._server = await serve(
             self._serve_connection,
             settings.host,
@@ -130,6 +145,8 @@ class Node:
         closing = [connection.connection_lost_waiter for connection in self._admitted]
         if closing:
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
+        if self.webhooks is not None:  # pending webhooks get the rest of the drain time
+            await self.webhooks.drain(max(started + spread, loop.time() + WEBHOOK_FLUSH_MIN))
         await self.stop()
 
     async def stop(self) -> None:
@@ -145,6 +162,9 @@ class Node:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
         await self.verifier.stop()
+        await self.presence.stop()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.backplane.stop()
         self.metrics.connections.set(0)
         self.metrics.backplane_up.set(0)
@@ -281,6 +301,15 @@ class Node:
                     if not _in_networks(hop, self._trusted_proxies):
                         return hop
         return str(peer)
+
+
+def _webhooks(settings: Settings, metrics: Metrics) -> Webhooks | None:
+    """The webhook service when ``--webhook-url`` is set (imported only then)."""
+    if not settings.webhook_url:
+        return None
+    from wsbroker.webhooks.service import Webhooks
+
+    return Webhooks(settings, metrics)
 
 
 def _handshake_token(request: Request, query: str) -> str | None:

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from websockets.asyncio.server import ServerConnection
@@ -30,8 +31,12 @@ from wsbroker.history import HistoryNotEnabled, Position
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
 from wsbroker.outbox import Connection, Outbox
+from wsbroker.presence import Member, PresenceNotEnabled, PresenceService
 from wsbroker.protocol import OpId, ProtocolError
 from wsbroker.ratelimit import OpLimiter
+
+if TYPE_CHECKING:
+    from wsbroker.webhooks.service import Webhooks
 
 log = logging.getLogger("wsbroker.session")
 
@@ -53,6 +58,8 @@ class NodeServices:
     verifier: Verifier
     metrics: Metrics
     flusher: FlushScheduler
+    presence: PresenceService
+    webhooks: Webhooks | None = None
 
 
 class Session:
@@ -80,6 +87,7 @@ class Session:
         if isinstance(connection, Connection):
             connection.outbox = self._outbox
         self._expiry: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     # -- writing (the rules are the Outbox's) -----------------------------------
 
@@ -95,6 +103,9 @@ class Session:
         if channel in self.channels:
             self.channels.discard(channel)
             self.send(protocol.encode_unsubscribed(channel, reason))
+            leaving = asyncio.ensure_future(self._node.presence.leave(channel, self._member()))
+            self._background.add(leaving)
+            leaving.add_done_callback(self._background.discard)
 
     def _cut_slow_consumer(self) -> None:
         self._node.metrics.messages_dropped.labels("slow_consumer").inc()
@@ -189,10 +200,10 @@ class Session:
         one awaited unsubscribe after another (each may wait on the backplane)."""
         if self._expiry is not None:
             self._expiry.cancel()
-        hub = self._node.hub
         channels, self.channels = self.channels, set()
+        member = self._member() if self.identity is not None else None
         results = await asyncio.gather(
-            *(hub.unsubscribe(channel, self) for channel in channels), return_exceptions=True
+            *(self._leave(channel, member) for channel in channels), return_exceptions=True
         )
         for result in results:
             if isinstance(result, Exception):
@@ -253,6 +264,8 @@ class Session:
                 return None
             case protocol.Ping():
                 return protocol.encode_ok(op.id)
+            case protocol.Presence() | protocol.PresenceStats():
+                return await self._presence(op)
 
     def _may_read(self, channel: str) -> bool:
         identity = self._require_identity()
@@ -286,13 +299,27 @@ class Session:
             fields = position.fields() if position is not None else {}
             self.send(protocol.encode_ok(op.id, channel=op.channel, **fields))
 
-        await self._node.hub.subscribe(op.channel, self, op.since, confirm)
+        # The member is recorded first: should that fail, nothing was subscribed; should
+        # the subscribe fail, the member leaves again. Either way the client gets an error.
+        member = self._member()
+        await self._node.presence.join(op.channel, member)
+        try:
+            await self._node.hub.subscribe(op.channel, self, op.since, confirm)
+        except BaseException:
+            await self._node.presence.leave(op.channel, member)
+            raise
         return None
+
+    async def _leave(self, channel: str, member: Member | None) -> None:
+        await self._node.hub.unsubscribe(channel, self)
+        if member is not None:
+            await self._node.presence.leave(channel, member)
 
     async def _unsubscribe(self, op: protocol.Unsubscribe) -> bytes:
         if op.channel in self.channels:
             self.channels.discard(op.channel)
             await self._node.hub.unsubscribe(op.channel, self)
+            await self._node.presence.leave(op.channel, self._member())
         return protocol.encode_ok(op.id, channel=op.channel)
 
     async def _publish(self, op: protocol.Publish) -> bytes:
@@ -302,6 +329,8 @@ class Session:
                 "forbidden", f"token does not allow publishing to {op.channel!r}", op.id
             )
         published = await self._node.hub.publish(op.channel, op.data, identity.user)
+        if self._node.webhooks is not None:
+            self._node.webhooks.client_publish(op.channel, identity.user, op.data)
         if published.offset is None:
             return protocol.encode_ok(op.id, channel=op.channel)
         return protocol.encode_ok(op.id, channel=op.channel, offset=published.offset)
@@ -317,6 +346,25 @@ class Session:
             offset=page.offset, epoch=page.epoch,
         )
 
+    def _member(self) -> Member:
+        """This connection as presence shows it, from its current token."""
+        identity = self._require_identity()
+        return Member.of(self.client_id, identity.user, identity.info)
+
+    async def _presence(self, op: protocol.Presence | protocol.PresenceStats) -> bytes:
+        self._check_read(op.id, op.channel)
+        presence = self._node.presence
+        try:
+            if isinstance(op, protocol.PresenceStats):
+                stats = await presence.stats(op.channel)
+                return protocol.encode_ok(op.id, channel=op.channel, clients=stats.clients,
+                                          users=stats.users)
+            members = await presence.members_json(op.channel)
+        except PresenceNotEnabled as exc:
+            raise ProtocolError("not_enabled", str(exc), op.id) from None
+        return protocol.encode_ok(op.id, channel=op.channel,
+                                  members=[orjson.Fragment(member) for member in members])
+
     async def _refresh(self, op: protocol.Auth) -> None:
         identity = self._require_identity()
         try:
@@ -329,11 +377,15 @@ class Session:
         self.identity = fresh
         self._schedule_expiry()
         self.send(protocol.encode_ok(op.id, expires=fresh.expires))
+        member = self._member()
         for channel in sorted(self.channels):
             if not self._may_read(channel):
                 self.channels.discard(channel)
                 await self._node.hub.unsubscribe(channel, self)
+                await self._node.presence.leave(channel, member)
                 self.send(protocol.encode_unsubscribed(channel, "forbidden"))
+            elif fresh.info != identity.info:
+                await self._node.presence.update(channel, member)
         return None
 
 
