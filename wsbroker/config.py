@@ -143,6 +143,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-format", _text, "text", "text or json"),
     Option("dev", parse_bool, "false", "development mode: generated key, demo page",
            is_flag=True),
+    # The HTTP API for backend services (SPEC §12): off unless --api-port is set.
+    Option("api-port", int, None, "HTTP API port; unset = no API (0 picks a free one)"),
+    Option("api-host", _text, "127.0.0.1", "address the HTTP API listens on"),
+    Option("api-key", _text, None, "keys the HTTP API accepts (several: rotation)",
+           is_list=True),
+    Option("api-max-body", parse_size, "1MiB", "largest HTTP API request body"),
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -184,6 +190,10 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     dev: bool = False
+    api_port: int | None = None
+    api_host: str = "127.0.0.1"
+    api_key: tuple[str, ...] = ()
+    api_max_body: int = 1024 * 1024
 
     @property
     def has_key(self) -> bool:
@@ -255,3 +265,24 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    _validate_api(settings)
+
+
+API_KEY_MIN_LENGTH = 16
+
+
+def _validate_api(settings: Settings) -> None:
+    if settings.api_port is None:
+        return
+    if not 0 <= settings.api_port <= 65535:
+        raise ConfigError(f"--api-port: {settings.api_port} is not a TCP port")
+    if not settings.api_key:
+        raise ConfigError("--api-key is required with --api-port (WSB_API_KEY; several keys, "
+                          "comma-separated, allow rotation)")
+    if not all(re.fullmatch(rf"[\x21-\x7e]{{{API_KEY_MIN_LENGTH},}}", key)
+               for key in settings.api_key):
+        raise ConfigError(f"--api-key: every key must be at least {API_KEY_MIN_LENGTH} "
+                          "printable ASCII characters without spaces (e.g. `openssl rand -hex "
+                          "32`)")
+    if settings.api_max_body < 1024:
+        raise ConfigError("--api-max-body must be at least 1KiB")

@@ -20,12 +20,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from wsbroker.backplane import Backplane, BackplaneUnavailable
+from wsbroker.backplane import Backplane, BackplaneUnavailable, MessageHandler
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
-from wsbroker.protocol import decode_payload, encode_message, text_frame
+from wsbroker.protocol import decode_payload, encode_envelope, encode_message, text_frame
 
 log = logging.getLogger("wsbroker.hub")
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What a publish answers: the message's place in the channel's history, if it has one."""
+
+    offset: int | None = None
+    epoch: str | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -64,6 +73,7 @@ class Hub:
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
+        self._listeners: dict[str, MessageHandler] = {}
         self._log_invalid = Throttled(log, logging.WARNING)
 
     @property
@@ -73,6 +83,28 @@ class Hub:
     @property
     def subscription_count(self) -> int:
         return self._subscription_count
+
+    def channel_names(self) -> list[str]:
+        """The channels with at least one local subscriber."""
+        return [name for name, state in self._channels.items() if state.subscribers]
+
+    async def publish(self, channel: str, data: bytes, sender: str | None = None) -> Published:
+        """Hand ``data`` (JSON bytes) to the backplane; ``sender`` becomes the frame's ``from``.
+
+        Sessions and the HTTP API both publish here. Raises
+        :class:`~wsbroker.backplane.BackplaneUnavailable` when the backplane is down.
+        """
+        await self._backplane.publish(channel, encode_envelope(data, sender=sender))
+        return Published()
+
+    async def listen(self, channel: str, handler: MessageHandler) -> None:
+        """Receive the raw payloads of an internal backplane channel (node control).
+
+        ``channel`` must be a name no client channel can take; its payloads
+        never reach sessions. Raises ``BackplaneUnavailable`` like ``subscribe``.
+        """
+        self._listeners[channel] = handler
+        await self._backplane.subscribe(channel)
 
     async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
         """Add ``subscriber`` once the backplane has confirmed ``channel``.
@@ -126,6 +158,9 @@ class Hub:
         metrics.messages_received.inc()
         state = self._channels.get(channel)
         if state is None or not state.subscribers:
+            listener = self._listeners.get(channel) if state is None else None
+            if listener is not None:
+                listener(channel, payload)
             return
         started = time.perf_counter()
         try:
@@ -156,4 +191,5 @@ class Hub:
             with contextlib.suppress(BaseException):
                 await state.ready
         self._channels.clear()
+        self._listeners.clear()
         self._subscription_count = 0

@@ -61,6 +61,9 @@ class Metrics:
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)
+        self.api_requests = Counter(
+            "wsbroker_api_requests", "HTTP API requests, by endpoint path (or 'other') and "
+            "status code.", ["endpoint", "status"], registry=r)
 
     def render(self) -> bytes:
         if self._multiprocess_dir is None:

@@ -37,6 +37,7 @@ log = logging.getLogger("wsbroker.session")
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_UNAUTHORIZED = 4001
+CLOSE_DISCONNECTED = 4003
 CLOSE_RATE_LIMITED = 4008
 CLOSE_SLOW_CONSUMER = 4009
 
@@ -344,9 +345,10 @@ class Session:
             raise ProtocolError(
                 "forbidden", f"token does not allow publishing to {op.channel!r}", op.id
             )
-        envelope = protocol.encode_envelope(op.data, sender=identity.user)
-        await self._node.backplane.publish(op.channel, envelope)
-        return protocol.encode_ok(op.id, channel=op.channel)
+        published = await self._node.hub.publish(op.channel, op.data, sender=identity.user)
+        if published.offset is None:
+            return protocol.encode_ok(op.id, channel=op.channel)
+        return protocol.encode_ok(op.id, channel=op.channel, offset=published.offset)
 
     def _history(self, op: protocol.History) -> bytes:
         self._check_read(op.id, op.channel)
@@ -387,7 +389,7 @@ def _fit_close_reason(reason: str) -> str:
 
 _KNOWN_CLOSE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
-     CLOSE_UNAUTHORIZED, CLOSE_RATE_LIMITED, CLOSE_SLOW_CONSUMER}
+     CLOSE_UNAUTHORIZED, CLOSE_DISCONNECTED, CLOSE_RATE_LIMITED, CLOSE_SLOW_CONSUMER}
 )
 
 
