@@ -31,7 +31,13 @@ async def read_json(request: BaseRequest, max_body: int, time_limit: float) -> A
     length = request.content_length
     if length is not None and length > max_body:
         raise TOO_LARGE
-    body = await _read_bounded(request, max_body, time_limit)
+    content = request.content
+    if content.is_eof():  # all of it arrived with the head (the usual case): no wait, no timer
+        body = content.read_nowait()
+        if len(body) > max_body:
+            raise TOO_LARGE
+    else:
+        body = await _read_bounded(request, max_body, time_limit)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

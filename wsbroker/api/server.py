@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -172,7 +172,7 @@ class _Busy(asyncio.Protocol):
     """A connection over the limit: a 503, then closed, with no HTTP parsing at all."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(BUSY_RESPONSE)
-        transport.close()
+        writable = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        writable.write(BUSY_RESPONSE)
+        writable.close()
 
