@@ -24,6 +24,7 @@ from tests.api_client import (
 from tests.conftest import NodeFactory, http_url, ws_url
 from tests.helpers import SECRET, Client, eventually, http_get, make_token
 from wsbroker.api.server import ApiServer
+from wsbroker.channels import PatternSet
 from wsbroker.cli import main as cli_main
 from wsbroker.server import Node
 
@@ -133,11 +134,43 @@ async def test_info_reports_the_node(node: Node, client: Api) -> None:
     assert report["uptime_s"] >= 0 and report["version"]
 
 
-async def test_history_and_presence_are_unknown_routes_in_this_version(client: Api) -> None:
-    for path in ("/api/history?channel=a&limit=1", "/api/presence?channel=a",
-                 "/api/presence_stats?channel=a"):
-        status, answer = await client.get(path)
-        assert status == 404 and answer["error"]["code"] == "not_found"
+async def test_history_is_an_unknown_route_in_this_version(client: Api) -> None:
+    status, answer = await client.get("/api/history?channel=a&limit=1")
+    assert status == 404 and answer["error"]["code"] == "not_found"
+
+
+async def test_presence_and_presence_stats_list_members(start_node: NodeFactory) -> None:
+    node = await start_node(api_port=0, api_key=(KEY,), presence=PatternSet.parse(["chat.>"]))
+    async with (
+        Client.connect(ws_url(node), make_token("alice", info={"name": "Alice"})) as alice,
+        Client.connect(ws_url(node), make_token("alice")) as alice_again,
+        Client.connect(ws_url(node), make_token("bob")) as bob,
+        api(node) as client,
+    ):
+        for member in (alice, alice_again, bob):
+            await member.subscribe("chat.room")
+        status, answer = await client.get("/api/presence?channel=chat.room")
+        assert status == 200 and answer["channel"] == "chat.room"
+        assert sorted((m["user"], str(m.get("info"))) for m in answer["members"]) == [
+            ("alice", "None"), ("alice", "{'name': 'Alice'}"), ("bob", "None")]
+        assert {m["client"] for m in answer["members"]} == {
+            c.welcome["client"] for c in (alice, alice_again, bob) if c.welcome}
+        assert await client.get("/api/presence_stats?channel=chat.room") == (
+            200, {"channel": "chat.room", "clients": 3, "users": 2})
+
+
+@pytest.mark.parametrize(("query", "code"), [
+    ("channel=news.today", "not_enabled"),  # no --presence for it
+    ("channel=a..b", "invalid_channel"),
+    ("", "bad_request"),
+])
+@pytest.mark.parametrize("path", ["/api/presence", "/api/presence_stats"])
+async def test_presence_errors(start_node: NodeFactory, path: str, query: str,
+                               code: str) -> None:
+    node = await start_node(api_port=0, api_key=(KEY,), presence=PatternSet.parse(["chat.>"]))
+    async with api(node) as client:
+        status, answer = await client.get(f"{path}?{query}")
+    assert status == 400 and answer["error"]["code"] == code
 
 
 # -- keys --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, ServerProcess, eventually, make_token
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
+from wsbroker.channels import PatternSet
 from wsbroker.registry import RedisRegistry
 from wsbroker.server import Node
 
@@ -165,6 +166,28 @@ async def test_a_killed_node_drops_out_of_info_within_15_s(
         await eventually(lambda: _lacks(members, "victim"),
                          timeout=RedisRegistry.ttl + 2, every=0.25)
         assert asyncio.get_running_loop().time() - killed <= RedisRegistry.ttl + 1
+
+
+async def test_presence_answers_for_members_on_every_node(
+    start_node: NodeFactory, redis_server: RedisServer
+) -> None:
+    one, two = await fleet(start_node, redis_server.url,
+                           presence=PatternSet.parse(["chat.>"]))
+    async with (
+        Client.connect(ws_url(one), make_token("alice")) as alice,
+        Client.connect(ws_url(two), make_token("bob")) as bob,
+        api(one) as client,
+    ):
+        await alice.subscribe("chat.room")
+        await bob.subscribe("chat.room")
+
+        async def both_listed() -> bool:
+            _, answer = await client.get("/api/presence?channel=chat.room")
+            return sorted(m["user"] for m in answer["members"]) == ["alice", "bob"]
+
+        await eventually(both_listed, timeout=2)
+        assert await client.get("/api/presence_stats?channel=chat.room") == (
+            200, {"channel": "chat.room", "clients": 2, "users": 2})
 
 
 async def test_redis_down_answers_503(start_node: NodeFactory, redis_server: RedisServer) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
@@ -53,6 +54,8 @@ class Identity:
     expires: float
     channels: PatternSet
     publish: PatternSet
+    info: dict[str, Any] | None = None
+    """The token's optional ``info`` claim, shown to others in presence (SPEC §11)."""
 
 
 class JwksCache:
@@ -289,7 +292,26 @@ def _identity(claims: dict[str, Any]) -> Identity:
         publish = _patterns(claims, "publish")
     except InvalidPattern as exc:
         raise AuthError("claims", f"token permission claims are invalid: {exc}") from None
-    return Identity(user, expires, channels, publish)
+    return Identity(user, expires, channels, publish, _info(claims))
+
+
+MAX_INFO_BYTES = 1024
+
+
+def _info(claims: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``info`` claim: absent, or a JSON object of at most 1 KiB as compact UTF-8 JSON."""
+    if "info" not in claims:
+        return None
+    info = claims["info"]
+    if not isinstance(info, dict):
+        raise AuthError("claims", "token 'info' must be a JSON object")
+    try:
+        size = len(orjson.dumps(info))
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
+        raise AuthError("claims", "token 'info' cannot be encoded as JSON") from None
+    if size > MAX_INFO_BYTES:
+        raise AuthError("claims", f"token 'info' is {size} bytes; at most {MAX_INFO_BYTES}")
+    return info
 
 
 def _patterns(claims: dict[str, Any], name: str) -> PatternSet:

@@ -131,6 +131,13 @@ OPTIONS: tuple[Option, ...] = (
            is_list=True),
     Option("history", _text, None, "PATTERN=SIZE[:TTL] channels that keep history",
            is_list=True),
+    # Presence and join/leave (SPEC §11).
+    Option("presence", _text, None, "patterns of channels that keep a fleet-wide member list",
+           is_list=True),
+    Option("join-leave", _text, None, "patterns of channels that push join/leave frames",
+           is_list=True),
+    Option("presence-ttl", parse_duration, "60s",
+           "a dead node's members vanish within this; live ones are refreshed"),
     Option("allowed-origins", _text, None, "exact Origin values allowed to upgrade",
            is_list=True),
     Option("trusted-proxies", _text, None, "addresses/CIDRs whose X-Forwarded-For is believed",
@@ -181,6 +188,9 @@ class Settings:
     drain_seconds: float = 10.0
     public_channels: PatternSet = PatternSet(())
     history: tuple[str, ...] = ()
+    presence: PatternSet = PatternSet(())
+    join_leave: PatternSet = PatternSet(())
+    presence_ttl: float = 60.0
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     tls_cert: str | None = None
@@ -228,6 +238,9 @@ def load_settings(
     return settings
 
 
+_PATTERN_LISTS = frozenset({"public_channels", "presence", "join_leave"})
+
+
 def _convert(option: Option, raw: Any) -> Any:
     if raw is None:
         if option.default is None:
@@ -235,7 +248,7 @@ def _convert(option: Option, raw: Any) -> Any:
         raw = [option.default] if option.is_list else option.default
     if option.is_list:
         items = parse_list([raw] if isinstance(raw, str) else raw)
-        if option.dest == "public_channels":
+        if option.dest in _PATTERN_LISTS:
             return PatternSet.parse(items)
         return items
     if not isinstance(raw, str):
@@ -263,6 +276,8 @@ def _validate(settings: Settings) -> None:
                           "(history answers not_enabled); remove the flag")
     if settings.redis_cluster and not settings.redis_url:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
+    if settings.presence_ttl < 1:
+        raise ConfigError("--presence-ttl must be at least 1s")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     _validate_api(settings)

@@ -23,7 +23,14 @@ from typing import Protocol
 from wsbroker.backplane import Backplane, BackplaneUnavailable, MessageHandler
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
-from wsbroker.protocol import decode_payload, encode_envelope, encode_message, text_frame
+from wsbroker.protocol import (
+    MemberEvent,
+    decode_payload,
+    encode_envelope,
+    encode_member_frame,
+    encode_message,
+    text_frame,
+)
 
 log = logging.getLogger("wsbroker.hub")
 
@@ -50,6 +57,9 @@ class Outgoing:
 
 class Subscriber(Protocol):
     """What the hub needs from a session: take a frame now, without awaiting."""
+
+    client_id: str
+    """The connection's id: a member never receives its own join or leave."""
 
     def deliver(self, message: Outgoing) -> bool:
         """Queue ``message``; False if this subscriber is closing and took nothing."""
@@ -168,6 +178,9 @@ class Hub:
         except ValueError as exc:
             self._drop_invalid(channel, exc)
             return
+        if envelope.event is not None:
+            self._announce(channel, state, envelope.event, started)
+            return
         message = Outgoing.of(
             encode_message(channel, envelope.data, envelope.sender, envelope.offset)
         )
@@ -176,6 +189,18 @@ class Hub:
             delivered += subscriber.deliver(message)
         metrics.messages_delivered.inc(delivered)
         metrics.fanout_seconds.observe(time.perf_counter() - started)
+
+    def _announce(
+        self, channel: str, state: _Channel, event: MemberEvent, started: float
+    ) -> None:
+        """Fan a join/leave out, framed once, to every local subscriber but the member."""
+        message = Outgoing.of(encode_member_frame(event.kind, channel, event.member))
+        delivered = 0
+        for subscriber in state.subscribers:
+            if subscriber.client_id != event.client:
+                delivered += subscriber.deliver(message)
+        self._metrics.messages_delivered.inc(delivered)
+        self._metrics.fanout_seconds.observe(time.perf_counter() - started)
 
     def _drop_invalid(self, channel: str, error: ValueError) -> None:
         self._metrics.messages_dropped.labels("invalid_payload").inc()

@@ -58,6 +58,10 @@ class Metrics:
             registry=r)
         self.backplane_up = Gauge("wsbroker_backplane_up", "1 while the backplane is up.",
                                   registry=r, multiprocess_mode="livemin")
+        self.presence_members = Gauge(
+            "wsbroker_presence_members",
+            "Presence members this node holds (its subscriptions on --presence channels).",
+            registry=r, multiprocess_mode="livesum")
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)

@@ -79,7 +79,19 @@ class Ping:
     id: OpId
 
 
-Op = Auth | Subscribe | Unsubscribe | Publish | History | Ping
+@dataclass(frozen=True, slots=True)
+class Presence:
+    id: OpId
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    id: OpId
+    channel: str
+
+
+Op = Auth | Subscribe | Unsubscribe | Publish | History | Ping | Presence | PresenceStats
 
 
 def parse_op(frame: str | bytes) -> Op:
@@ -164,6 +176,14 @@ def _parse_ping(obj: dict[str, Any], op_id: OpId) -> Ping:
     return Ping(op_id)
 
 
+def _parse_presence(obj: dict[str, Any], op_id: OpId) -> Presence:
+    return Presence(op_id, _channel(obj, op_id))
+
+
+def _parse_presence_stats(obj: dict[str, Any], op_id: OpId) -> PresenceStats:
+    return PresenceStats(op_id, _channel(obj, op_id))
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], OpId], Op]] = {
     "auth": _parse_auth,
     "subscribe": _parse_subscribe,
@@ -171,6 +191,8 @@ _PARSERS: dict[str, Callable[[dict[str, Any], OpId], Op]] = {
     "publish": _parse_publish,
     "history": _parse_history,
     "ping": _parse_ping,
+    "presence": _parse_presence,
+    "presence_stats": _parse_presence_stats,
 }
 
 
@@ -220,17 +242,44 @@ def encode_message(
     return orjson.dumps(frame)
 
 
+def encode_member_frame(kind: str, channel: str, member: bytes) -> bytes:
+    """A ``join`` or ``leave`` frame around ``member``, already-valid JSON bytes (SPEC §11)."""
+    return orjson.dumps({"type": kind, "channel": channel, "member": orjson.Fragment(member)})
+
+
 # -- backplane payloads (SPEC §6) ------------------------------------------------
+
+MEMBER_EVENTS = ("join", "leave")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    """A join or leave travelling with the channel's messages, so it keeps their order."""
+
+    kind: str
+    member: bytes
+    client: str
+    """The member's connection, which never receives its own join or leave."""
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A backplane payload, decoded: the JSON ``data`` and where it came from."""
+    """A backplane payload, decoded: the JSON ``data`` and where it came from.
+
+    A member event (``wsb1{"event":"join"|"leave","member":{…}}``) has ``event``
+    set and no data.
+    """
 
     data: bytes
     sender: str | None = None
     offset: int | None = None
     epoch: str | None = None
+    event: MemberEvent | None = None
+
+
+def encode_member_event(kind: str, member: bytes) -> bytes:
+    """``wsb1{"event":kind,"member":{…}}``: a join/leave published on the channel itself."""
+    return ENVELOPE_MAGIC + orjson.dumps({"event": kind, "member": orjson.Fragment(member)})
 
 
 def encode_envelope(
@@ -255,6 +304,8 @@ def decode_payload(payload: bytes) -> Envelope:
     """
     if payload.startswith(ENVELOPE_MAGIC):
         body = orjson.loads(payload[len(ENVELOPE_MAGIC) :])
+        if isinstance(body, dict) and "event" in body:
+            return Envelope(b"null", event=_member_event(body))
         if not isinstance(body, dict) or "data" not in body:
             raise ValueError("envelope must be an object with 'data'")
         sender, offset, epoch = body.get("from"), body.get("offset"), body.get("epoch")
@@ -267,6 +318,15 @@ def decode_payload(payload: bytes) -> Envelope:
         return Envelope(orjson.dumps(body["data"]), sender, offset, epoch)
     orjson.loads(payload)  # validation only: raises orjson.JSONDecodeError (a ValueError)
     return Envelope(payload)
+
+
+def _member_event(body: dict[str, Any]) -> MemberEvent:
+    kind, member = body["event"], body.get("member")
+    if kind not in MEMBER_EVENTS:
+        raise ValueError(f"envelope 'event' must be one of {', '.join(MEMBER_EVENTS)}")
+    if not isinstance(member, dict) or not isinstance(member.get("client"), str):
+        raise ValueError("envelope 'member' must be an object with a string 'client'")
+    return MemberEvent(kind, orjson.dumps(member), member["client"])
 
 
 def text_frame(payload: bytes) -> bytes:

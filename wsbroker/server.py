@@ -30,6 +30,7 @@ from wsbroker.control import Control
 from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
+from wsbroker.presence import PresenceService
 from wsbroker.registry import NodeReport, create_registry, open_redis, uptime_since
 from wsbroker.session import (
     CLOSE_DISCONNECTED,
@@ -60,8 +61,11 @@ class Node:
         self.backplane = backplane if backplane is not None else create_backplane(settings)
         self.hub = Hub(self.backplane, self.metrics)
         self.verifier = Verifier(settings)
+        self.presence = PresenceService(settings, self.backplane, self.metrics)
+        """Members of --presence channels; the HTTP API reads it too (members, stats)."""
         self.services = NodeServices(
-            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler()
+            settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler(),
+            self.presence,
         )
         self.sessions: set[Session] = set()
         self.draining = False
@@ -86,6 +90,7 @@ class Node:
         settings = self.settings
         self.backplane.bind(self.hub.on_message, self._on_backplane_state)
         await self.backplane.start()
+        await self.presence.start()
         await self.control.listen()  # or, if the backplane is down, once it is up
         await self.registry.start()
         self._server = await serve(
@@ -109,8 +114,8 @@ class Node:
             reuse_port=settings.workers > 1,
         )
         if settings.api_port is not None:
-            self.api = create_api(settings, self.hub, self.control, self.registry, self._redis,
-                                  self.metrics)
+            self.api = create_api(settings, self.hub, self.control, self.registry,
+                                  self.presence, self._redis, self.metrics)
             await self.api.start()
         log.info("node %s listening on %s://%s:%d/ws (backplane: %s)",
                  settings.node_id, "wss" if settings.tls_cert else "ws", settings.host,
@@ -162,6 +167,7 @@ class Node:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self._server.wait_closed()
         await self.hub.close()
+        await self.presence.stop()
         await self.backplane.stop()
         if self._redis is not None:
             await self._redis.aclose()

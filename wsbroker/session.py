@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -29,6 +30,7 @@ from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
+from wsbroker.presence import Member, PresenceNotEnabled, PresenceService
 from wsbroker.protocol import OpId, ProtocolError
 from wsbroker.ratelimit import OpLimiter
 
@@ -59,6 +61,7 @@ class NodeServices:
     verifier: Verifier
     metrics: Metrics
     flusher: FlushScheduler
+    presence: PresenceService
 
 
 class Session:
@@ -248,10 +251,11 @@ class Session:
     async def _release(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        hub = self._node.hub
+        hub, presence = self._node.hub, self._node.presence
         for channel in self.channels:
             with contextlib.suppress(Exception):
                 await hub.unsubscribe(channel, self)
+                await presence.leave(channel, self._member())
         self.channels.clear()
         if self._closing is not None:
             self._closing.cancel()
@@ -309,6 +313,8 @@ class Session:
                 return None
             case protocol.Ping():
                 return protocol.encode_ok(op.id)
+            case protocol.Presence() | protocol.PresenceStats():
+                return await self._presence(op)
 
     def _may_read(self, channel: str) -> bool:
         identity = self._require_identity()
@@ -330,6 +336,11 @@ class Session:
                     op.id,
                 )
             await self._node.hub.subscribe(op.channel, self)
+            try:
+                await self._node.presence.join(op.channel, self._member())
+            except BaseException:
+                await self._node.hub.unsubscribe(op.channel, self)
+                raise
             self.channels.add(op.channel)
         return protocol.encode_ok(op.id, channel=op.channel)
 
@@ -337,6 +348,7 @@ class Session:
         if op.channel in self.channels:
             self.channels.discard(op.channel)
             await self._node.hub.unsubscribe(op.channel, self)
+            await self._node.presence.leave(op.channel, self._member())
         return protocol.encode_ok(op.id, channel=op.channel)
 
     async def _publish(self, op: protocol.Publish) -> bytes:
@@ -356,6 +368,25 @@ class Session:
             "not_enabled", f"channel {op.channel!r} keeps no history (see --history)", op.id
         )
 
+    def _member(self) -> Member:
+        """This connection as presence shows it, from its current token."""
+        identity = self._require_identity()
+        return Member.of(self.client_id, identity.user, identity.info)
+
+    async def _presence(self, op: protocol.Presence | protocol.PresenceStats) -> bytes:
+        self._check_read(op.id, op.channel)
+        presence = self._node.presence
+        try:
+            if isinstance(op, protocol.PresenceStats):
+                stats = await presence.stats(op.channel)
+                return protocol.encode_ok(op.id, channel=op.channel, clients=stats.clients,
+                                          users=stats.users)
+            members = await presence.members_json(op.channel)
+        except PresenceNotEnabled as exc:
+            raise ProtocolError("not_enabled", str(exc), op.id) from None
+        return protocol.encode_ok(op.id, channel=op.channel,
+                                  members=[orjson.Fragment(member) for member in members])
+
     async def _refresh(self, op: protocol.Auth) -> None:
         identity = self._require_identity()
         try:
@@ -368,11 +399,15 @@ class Session:
         self.identity = fresh
         self._schedule_expiry()
         self.send(protocol.encode_ok(op.id, expires=fresh.expires))
+        member = self._member()
         for channel in sorted(self.channels):
             if not self._may_read(channel):
                 self.channels.discard(channel)
                 await self._node.hub.unsubscribe(channel, self)
+                await self._node.presence.leave(channel, member)
                 self.send(protocol.encode_unsubscribed(channel, "forbidden"))
+            elif fresh.info != identity.info:
+                await self._node.presence.update(channel, member)
         return None
 
 

@@ -15,16 +15,18 @@ from wsbroker.config import Settings
 from wsbroker.control import Control
 from wsbroker.hub import Hub
 from wsbroker.metrics import Metrics
+from wsbroker.presence import PresenceService
 from wsbroker.registry import AnyRedis, Registry
 
 __all__ = ["ApiServer", "create_api"]
 
 
 def create_api(settings: Settings, hub: Hub, control: Control, registry: Registry,
-               redis: AnyRedis | None, metrics: Metrics) -> ApiServer:
+               presence: PresenceService, redis: AnyRedis | None,
+               metrics: Metrics) -> ApiServer:
     """The API over a node's services; idempotency is fleet-wide when the node has Redis."""
     idempotency: Idempotency = (
         RedisIdempotency(redis, settings.redis_prefix) if redis is not None
         else MemoryIdempotency()
     )
-    return ApiServer(settings, Routes(hub, control, registry, idempotency), metrics)
+    return ApiServer(settings, Routes(hub, control, registry, idempotency, presence), metrics)

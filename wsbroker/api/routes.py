@@ -20,6 +20,7 @@ from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.channels import InvalidPattern, Pattern, is_valid_channel
 from wsbroker.control import Control
 from wsbroker.hub import Hub, Published
+from wsbroker.presence import PresenceNotEnabled, PresenceService
 from wsbroker.registry import Registry
 
 MAX_BROADCAST_CHANNELS = 1000
@@ -42,17 +43,20 @@ class Routes:
     """The API's endpoints over one node's services."""
 
     def __init__(self, hub: Hub, control: Control, registry: Registry,
-                 idempotency: Idempotency) -> None:
+                 idempotency: Idempotency, presence: PresenceService) -> None:
         self._hub = hub
         self._control = control
         self._registry = registry
         self._idempotency = idempotency
+        self._presence = presence
 
     def endpoints(self) -> list[Endpoint]:
         return [
             Endpoint("/api/publish", "POST", self.publish),
             Endpoint("/api/broadcast", "POST", self.broadcast),
             Endpoint("/api/disconnect", "POST", self.disconnect),
+            Endpoint("/api/presence", "GET", self.presence),
+            Endpoint("/api/presence_stats", "GET", self.presence_stats),
             Endpoint("/api/channels", "GET", self.channels),
             Endpoint("/api/info", "GET", self.info),
         ]
@@ -105,6 +109,26 @@ class Routes:
             raise bad_request("'user' must be a non-empty string")
         await self._control.disconnect(user)
         return orjson.dumps({"user": user})
+
+    async def presence(self, query: Mapping[str, str]) -> bytes:
+        """Every member of a ``--presence`` channel on every node, as the op answers."""
+        channel = _channel(query.get("channel"))
+        try:
+            members = await self._presence.members_json(channel)
+        except PresenceNotEnabled as exc:
+            raise ApiError(400, "not_enabled", str(exc)) from None
+        return orjson.dumps({"channel": channel,
+                             "members": [orjson.Fragment(member) for member in members]})
+
+    async def presence_stats(self, query: Mapping[str, str]) -> bytes:
+        """Clients and distinct users of a ``--presence`` channel."""
+        channel = _channel(query.get("channel"))
+        try:
+            stats = await self._presence.stats(channel)
+        except PresenceNotEnabled as exc:
+            raise ApiError(400, "not_enabled", str(exc)) from None
+        return orjson.dumps({"channel": channel, "clients": stats.clients,
+                             "users": stats.users})
 
     async def channels(self, query: Mapping[str, str]) -> bytes:
         """Channels with a subscriber on some node, optionally filtered by a pattern."""
