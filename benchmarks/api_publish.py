@@ -13,8 +13,8 @@ flight (no pipelining: a backend's HTTP client does not pipeline), and counts
 the 200 answers in the measured window after a warm-up. It is a bare asyncio
 ``Protocol`` on uvloop that writes one prebuilt request and reads each answer's
 status line and ``Content-Length``, so that the generator is not what is
-measured. With ``--subscribers N`` the channel also has N WebSocket
-subscribers on the node, so fan-out costs are included.
+measured. The channel has no subscribers: this measures the API and the
+publish path, not fan-out (which ``python -m benchmarks`` measures).
 
 It stops by itself after ``--warmup`` + ``--duration`` seconds and ends only
 the processes it started.
@@ -125,34 +125,8 @@ def build_request(port: int, key: str, channel: str, size: int) -> bytes:
     ).encode() + body
 
 
-async def subscribe(ws_port: int, secret: str, channel: str, count: int) -> list[Any]:
-    """``count`` WebSocket subscribers of ``channel`` that read and discard."""
-    import jwt
-    from websockets.asyncio.client import connect
-
-    token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600, "channels": [">"]},
-                       secret, algorithm="HS256")
-    clients = []
-    for _ in range(count):
-        ws = await connect(f"ws://127.0.0.1:{ws_port}/ws?token={token}", max_queue=None)
-        await ws.recv()
-        await ws.send(orjson.dumps({"op": "subscribe", "channel": channel, "id": 1}).decode())
-        await ws.recv()
-        clients.append(ws)
-
-    async def drain(ws: Any) -> None:
-        async for _ in ws:
-            pass
-
-    for ws in clients:
-        asyncio.get_running_loop().create_task(drain(ws))
-    return clients
-
-
-async def run(args: argparse.Namespace, api_port: int, ws_port: int, key: str,
-              secret: str) -> dict[str, Any]:
+async def run(args: argparse.Namespace, api_port: int, key: str) -> dict[str, Any]:
     channel = "bench.api"
-    subscribers = await subscribe(ws_port, secret, channel, args.subscribers)
     bench = Bench(build_request(api_port, key, channel, args.message_size))
     loop = asyncio.get_running_loop()
     connections = []
@@ -170,8 +144,6 @@ async def run(args: argparse.Namespace, api_port: int, ws_port: int, key: str,
     cpu_after = os.times()
     bench.stopping = True
     await asyncio.wait([c.lost for c in connections], timeout=5)
-    for ws in subscribers:
-        await ws.close()
     latencies = sorted(bench.latencies) or [0.0]
     return {
         "requests_per_s": round(bench.ok / elapsed),
@@ -179,7 +151,6 @@ async def run(args: argparse.Namespace, api_port: int, ws_port: int, key: str,
         "errors": bench.other,
         "seconds": round(elapsed, 2),
         "connections": args.connections,
-        "subscribers": args.subscribers,
         "backplane": "redis" if args.redis else "memory",
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1 if len(latencies) > 1 else 0]
@@ -195,13 +166,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--message-size", type=int, default=100)
-    parser.add_argument("--subscribers", type=int, default=0)
     parser.add_argument("--redis", action="store_true", help="Redis backplane (else memory)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) > 1 and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})  # the generator (and redis) on core 1
-    key, secret = secrets.token_hex(16), secrets.token_hex(32)
+    key, secret = secrets.token_hex(16), secrets.token_hex(32)  # the node needs a JWT key
     api_port, ws_port = free_port(), free_port()
     processes: list[Managed] = []
     with tempfile.TemporaryDirectory(prefix="wsb-api-bench-") as tmp:
@@ -222,9 +192,9 @@ def main() -> int:
             try:
                 import uvloop
 
-                result = uvloop.run(run(args, api_port, ws_port, key, secret))
+                result = uvloop.run(run(args, api_port, key))
             except ImportError:
-                result = asyncio.run(run(args, api_port, ws_port, key, secret))
+                result = asyncio.run(run(args, api_port, key))
             result["command"] = " ".join(pinned(cmd, 0))
         finally:
             for process in reversed(processes):
@@ -233,7 +203,7 @@ def main() -> int:
         print(orjson.dumps(result).decode())
     else:
         print(f"POST /api/publish, keep-alive, {result['connections']} connections, "
-              f"{result['backplane']} backplane, {result['subscribers']} subscribers: "
+              f"{result['backplane']} backplane: "
               f"{result['requests_per_s']:,} requests/s over {result['seconds']} s "
               f"(p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms; "
               f"non-200: {result['errors'] or 'none'})")

@@ -283,6 +283,17 @@ async def test_requests_share_one_keep_alive_connection(node: Node) -> None:
     assert opened == 1
 
 
+async def test_expect_100_continue_is_answered_before_the_body(node: Node) -> None:
+    body = b'{"channel": "a", "data": 1}'
+    reader, writer = await raw_request(
+        node, post_head("/api/publish", len(body), extra="Expect: 100-continue\r\n"))
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n")
+    writer.write(body)
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+
+
 # -- bad input never hurts ----------------------------------------------------------------
 
 
