@@ -26,6 +26,7 @@ from tests.helpers import SECRET, Client, eventually, http_get, make_token
 from wsbroker.api.server import ApiServer
 from wsbroker.channels import PatternSet
 from wsbroker.cli import main as cli_main
+from wsbroker.history import HistoryRules
 from wsbroker.server import Node
 
 
@@ -134,9 +135,45 @@ async def test_info_reports_the_node(node: Node, client: Api) -> None:
     assert report["uptime_s"] >= 0 and report["version"]
 
 
-async def test_history_is_an_unknown_route_in_this_version(client: Api) -> None:
-    status, answer = await client.get("/api/history?channel=a&limit=1")
-    assert status == 404 and answer["error"]["code"] == "not_found"
+async def test_publish_records_history_and_history_reads_it(start_node: NodeFactory) -> None:
+    node = await start_node(api_port=0, api_key=(KEY,),
+                            history=HistoryRules.parse(["chat.>=100"]))
+    async with Client.connect(ws_url(node), make_token()) as alice, api(node) as client:
+        await alice.subscribe("chat.room")
+        answers = [await client.post("/api/publish", {"channel": "chat.room", "data": n})
+                   for n in (1, 2, 3)]
+        assert [a["offset"] for _, a in answers] == [1, 2, 3]
+        epoch = answers[0][1]["epoch"]
+        assert answers[2] == (200, {"channel": "chat.room", "offset": 3, "epoch": epoch})
+        assert (await alice.next_message()) == {
+            "type": "message", "channel": "chat.room", "data": 1, "offset": 1}
+        status, page = await client.get("/api/history?channel=chat.room&limit=2")
+        assert status == 200
+        assert page == {"channel": "chat.room", "offset": 3, "epoch": epoch, "messages": [
+            {"type": "message", "channel": "chat.room", "data": 2, "offset": 2},
+            {"type": "message", "channel": "chat.room", "data": 3, "offset": 3}]}
+        assert len((await client.get("/api/history?channel=chat.room"))[1]["messages"]) == 3
+        # The idempotent repeat answers the first offset, and records nothing.
+        body = {"channel": "chat.room", "data": 4, "idempotency_key": "k"}
+        assert (await client.post("/api/publish", body))[1]["offset"] == 4
+        assert (await client.post("/api/publish", body))[1]["offset"] == 4
+        assert (await client.get("/api/history?channel=chat.room"))[1]["offset"] == 4
+
+
+@pytest.mark.parametrize(("query", "code"), [
+    ("channel=news.today", "not_enabled"),  # no --history for it
+    ("channel=a..b", "invalid_channel"),
+    ("", "bad_request"),
+    ("channel=chat.room&limit=0", "bad_request"),
+    ("channel=chat.room&limit=1001", "bad_request"),
+    ("channel=chat.room&limit=ten", "bad_request"),
+])
+async def test_history_errors(start_node: NodeFactory, query: str, code: str) -> None:
+    node = await start_node(api_port=0, api_key=(KEY,),
+                            history=HistoryRules.parse(["chat.>=100"]))
+    async with api(node) as client:
+        status, answer = await client.get(f"/api/history?{query}")
+    assert status == 400 and answer["error"]["code"] == code
 
 
 async def test_presence_and_presence_stats_list_members(start_node: NodeFactory) -> None:

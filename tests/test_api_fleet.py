@@ -16,6 +16,7 @@ from tests.helpers import Client, ServerProcess, eventually, make_token
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
 from wsbroker.channels import PatternSet
+from wsbroker.history import HistoryRules
 from wsbroker.registry import RedisRegistry
 from wsbroker.server import Node
 
@@ -44,6 +45,26 @@ async def test_publish_reaches_subscribers_on_every_node(
         for subscriber in (alice, bob):
             assert await subscriber.next_message() == {
                 "type": "message", "channel": "news.today", "data": [1, 2]}
+
+
+async def test_publish_records_history_in_redis_for_every_node(
+    start_node: NodeFactory, redis_server: RedisServer
+) -> None:
+    one, two = await fleet(start_node, redis_server.url,
+                           history=HistoryRules.parse(["chat.>=100"]))
+    async with (
+        Client.connect(ws_url(two), make_token()) as bob,
+        api(one) as first, api(two) as second,
+    ):
+        await bob.subscribe("chat.room")
+        body = {"channel": "chat.room", "data": "x", "idempotency_key": "once"}
+        status, answer = await first.post("/api/publish", body)
+        assert status == 200 and answer["offset"] == 1 and answer["epoch"]
+        assert await second.post("/api/publish", body) == (200, answer)  # fleet-wide, once
+        assert (await bob.next_message())["offset"] == 1
+        status, page = await second.get("/api/history?channel=chat.room")
+        assert (status, page["offset"], page["epoch"]) == (200, 1, answer["epoch"])
+        assert [m["data"] for m in page["messages"]] == ["x"]
 
 
 async def test_the_same_idempotency_key_publishes_once_across_the_fleet(

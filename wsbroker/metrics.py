@@ -62,6 +62,10 @@ class Metrics:
             "wsbroker_presence_members",
             "Presence members this node holds (its subscriptions on --presence channels).",
             registry=r, multiprocess_mode="livesum")
+        self.recoveries = Counter(
+            "wsbroker_recoveries", "History recoveries: a client's subscribe with since "
+            "(recovered, not_recovered) or this node reading a gap (node_recovered, node_lost).",
+            ["result"], registry=r)
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)

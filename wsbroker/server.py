@@ -59,7 +59,8 @@ class Node:
         self.settings = settings
         self.metrics = Metrics(metrics_dir)
         self.backplane = backplane if backplane is not None else create_backplane(settings)
-        self.hub = Hub(self.backplane, self.metrics)
+        self.hub = Hub(self.backplane, self.metrics, settings.history,
+                       replay_budget=settings.max_send_buffer)
         self.verifier = Verifier(settings)
         self.presence = PresenceService(settings, self.backplane, self.metrics)
         """Members of --presence channels; the HTTP API reads it too (members, stats)."""
@@ -88,7 +89,7 @@ class Node:
 
     async def start(self) -> None:
         settings = self.settings
-        self.backplane.bind(self.hub.on_message, self._on_backplane_state)
+        self.backplane.bind(self.hub.on_message, self._on_backplane_state, self.hub.resync)
         await self.backplane.start()
         await self.presence.start()
         await self.control.listen()  # or, if the backplane is down, once it is up

@@ -28,6 +28,7 @@ from wsbroker.auth import AuthError, Identity, Verifier
 from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
+from wsbroker.history import HistoryNotEnabled, Position
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
 from wsbroker.presence import Member, PresenceNotEnabled, PresenceService
@@ -142,6 +143,12 @@ class Session:
 
     def send(self, payload: bytes) -> None:
         self.deliver(Outgoing.of(payload))
+
+    def unsubscribed(self, channel: str, reason: str) -> None:
+        """The hub dropped a subscription (SPEC §5 ``unsubscribed``)."""
+        if channel in self.channels:
+            self.channels.discard(channel)
+            self.send(protocol.encode_unsubscribed(channel, reason))
 
     def _cut_slow_consumer(self) -> None:
         self._cut = True
@@ -307,7 +314,7 @@ class Session:
             case protocol.Publish():
                 return await self._publish(op)
             case protocol.History():
-                return self._history(op)
+                return await self._history(op)
             case protocol.Auth():
                 await self._refresh(op)
                 return None
@@ -326,23 +333,38 @@ class Session:
         if not self._may_read(channel):
             raise ProtocolError("forbidden", f"token does not allow channel {channel!r}", op_id)
 
-    async def _subscribe(self, op: protocol.Subscribe) -> bytes:
+    async def _subscribe(self, op: protocol.Subscribe) -> bytes | None:
         self._check_read(op.id, op.channel)
-        if op.channel not in self.channels:
-            if len(self.channels) >= self._settings.max_subscriptions:
-                raise ProtocolError(
-                    "too_many_subscriptions",
-                    f"at most {self._settings.max_subscriptions} subscriptions per connection",
-                    op.id,
-                )
-            await self._node.hub.subscribe(op.channel, self)
-            try:
-                await self._node.presence.join(op.channel, self._member())
-            except BaseException:
-                await self._node.hub.unsubscribe(op.channel, self)
-                raise
+        if op.channel in self.channels:
+            position = self._node.hub.position(op.channel)
+            fields = position.fields() if position is not None else {}
+            if position is not None and op.since is not None:
+                fields["recovered"] = (op.since.epoch == position.epoch
+                                       and op.since.offset == position.offset)
+            return protocol.encode_ok(op.id, channel=op.channel, **fields)
+        if len(self.channels) >= self._settings.max_subscriptions:
+            raise ProtocolError(
+                "too_many_subscriptions",
+                f"at most {self._settings.max_subscriptions} subscriptions per connection",
+                op.id,
+            )
+
+        def confirm(position: Position | None) -> None:
+            # Sent by the hub right before the replay and live messages: ok comes first.
             self.channels.add(op.channel)
-        return protocol.encode_ok(op.id, channel=op.channel)
+            fields = position.fields() if position is not None else {}
+            self.send(protocol.encode_ok(op.id, channel=op.channel, **fields))
+
+        # Merge of presence and history: the member joins before the hub subscribes,
+        # because the hub sends the ok (confirm) itself, and nothing may fail after it.
+        presence = self._node.presence
+        await presence.join(op.channel, self._member())
+        try:
+            await self._node.hub.subscribe(op.channel, self, op.since, confirm)
+        except BaseException:
+            await presence.leave(op.channel, self._member())
+            raise
+        return None
 
     async def _unsubscribe(self, op: protocol.Unsubscribe) -> bytes:
         if op.channel in self.channels:
@@ -357,15 +379,20 @@ class Session:
             raise ProtocolError(
                 "forbidden", f"token does not allow publishing to {op.channel!r}", op.id
             )
-        published = await self._node.hub.publish(op.channel, op.data, sender=identity.user)
+        published = await self._node.hub.publish(op.channel, op.data, identity.user)
         if published.offset is None:
             return protocol.encode_ok(op.id, channel=op.channel)
         return protocol.encode_ok(op.id, channel=op.channel, offset=published.offset)
 
-    def _history(self, op: protocol.History) -> bytes:
+    async def _history(self, op: protocol.History) -> bytes:
         self._check_read(op.id, op.channel)
-        raise ProtocolError(
-            "not_enabled", f"channel {op.channel!r} keeps no history (see --history)", op.id
+        try:
+            page = await self._node.hub.history(op.channel, op.limit)
+        except HistoryNotEnabled as exc:
+            raise ProtocolError("not_enabled", str(exc), op.id) from None
+        return protocol.encode_ok(
+            op.id, channel=op.channel, messages=[orjson.Fragment(m) for m in page.messages],
+            offset=page.offset, epoch=page.epoch,
         )
 
     def _member(self) -> Member:

@@ -27,7 +27,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from wsbroker.backplane import BackplaneUnavailable
-from wsbroker.hub import Published
+from wsbroker.history import Published
 from wsbroker.registry import AnyRedis
 
 WINDOW = 300.0

@@ -19,8 +19,10 @@ from wsbroker.api.idempotency import Idempotency
 from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.channels import InvalidPattern, Pattern, is_valid_channel
 from wsbroker.control import Control
-from wsbroker.hub import Hub, Published
+from wsbroker.history import HistoryNotEnabled, Published
+from wsbroker.hub import Hub
 from wsbroker.presence import PresenceNotEnabled, PresenceService
+from wsbroker.protocol import HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT
 from wsbroker.registry import Registry
 
 MAX_BROADCAST_CHANNELS = 1000
@@ -55,6 +57,7 @@ class Routes:
             Endpoint("/api/publish", "POST", self.publish),
             Endpoint("/api/broadcast", "POST", self.broadcast),
             Endpoint("/api/disconnect", "POST", self.disconnect),
+            Endpoint("/api/history", "GET", self.history),
             Endpoint("/api/presence", "GET", self.presence),
             Endpoint("/api/presence_stats", "GET", self.presence_stats),
             Endpoint("/api/channels", "GET", self.channels),
@@ -109,6 +112,21 @@ class Routes:
             raise bad_request("'user' must be a non-empty string")
         await self._control.disconnect(user)
         return orjson.dumps({"user": user})
+
+    async def history(self, query: Mapping[str, str]) -> bytes:
+        """The newest ``limit`` messages of a history channel, oldest first, as the op."""
+        channel = _channel(query.get("channel"))
+        text = query.get("limit", str(HISTORY_DEFAULT_LIMIT))
+        limit = int(text) if text.isdigit() and len(text) < 6 else 0
+        if not 1 <= limit <= HISTORY_MAX_LIMIT:
+            raise bad_request(f"'limit' must be an integer from 1 to {HISTORY_MAX_LIMIT}")
+        try:
+            page = await self._hub.history(channel, limit)
+        except HistoryNotEnabled as exc:
+            raise ApiError(400, "not_enabled", str(exc)) from None
+        return orjson.dumps({"channel": channel,
+                             "messages": [orjson.Fragment(m) for m in page.messages],
+                             "offset": page.offset, "epoch": page.epoch})
 
     async def presence(self, query: Mapping[str, str]) -> bytes:
         """Every member of a ``--presence`` channel on every node, as the op answers."""
