@@ -10,7 +10,9 @@ The node is a real ``wsbroker serve --api-port`` process pinned with
 ``taskset -c 0``. The generator (this process, pinned to core 1) keeps
 ``--connections`` keep-alive connections, each with exactly one request in
 flight (no pipelining: a backend's HTTP client does not pipeline), and counts
-the 200 answers in the measured window after a warm-up. It is a bare asyncio
+the 200 answers in the measured window after a warm-up. It also reads the
+node's CPU time: requests per node CPU-second is what a core given wholly to
+the node sustains, a figure that other load on a shared machine does not bend. It is a bare asyncio
 ``Protocol`` on uvloop that writes one prebuilt request and reads each answer's
 status line and ``Content-Length``, so that the generator is not what is
 measured. The channel has no subscribers: this measures the API and the
@@ -39,6 +41,7 @@ import orjson
 from benchmarks.processes import (
     PYTHON,
     Managed,
+    cpu_seconds,
     free_port,
     pinned,
     start,
@@ -125,7 +128,7 @@ def build_request(port: int, key: str, channel: str, size: int) -> bytes:
     ).encode() + body
 
 
-async def run(args: argparse.Namespace, api_port: int, key: str) -> dict[str, Any]:
+async def run(args: argparse.Namespace, api_port: int, key: str, node_pid: int) -> dict[str, Any]:
     channel = "bench.api"
     bench = Bench(build_request(api_port, key, channel, args.message_size))
     loop = asyncio.get_running_loop()
@@ -138,15 +141,20 @@ async def run(args: argparse.Namespace, api_port: int, key: str) -> dict[str, An
     bench.measuring = True
     started = time.perf_counter()
     cpu_before = os.times()
+    node_cpu_before = cpu_seconds(node_pid)
     await asyncio.sleep(args.duration)
     bench.measuring = False
     elapsed = time.perf_counter() - started
     cpu_after = os.times()
+    node_cpu = cpu_seconds(node_pid) - node_cpu_before
     bench.stopping = True
     await asyncio.wait([c.lost for c in connections], timeout=5)
     latencies = sorted(bench.latencies) or [0.0]
     return {
         "requests_per_s": round(bench.ok / elapsed),
+        # Load-independent: what one core given wholly to the node would sustain.
+        "requests_per_node_cpu_s": round(bench.ok / node_cpu) if node_cpu > 0 else None,
+        "node_cpu_share": round(node_cpu / elapsed, 2),
         "ok": bench.ok,
         "errors": bench.other,
         "seconds": round(elapsed, 2),
@@ -192,9 +200,9 @@ def main() -> int:
             try:
                 import uvloop
 
-                result = uvloop.run(run(args, api_port, key))
+                result = uvloop.run(run(args, api_port, key, node.pid))
             except ImportError:
-                result = asyncio.run(run(args, api_port, key))
+                result = asyncio.run(run(args, api_port, key, node.pid))
             result["command"] = " ".join(pinned(cmd, 0))
         finally:
             for process in reversed(processes):
@@ -204,7 +212,9 @@ def main() -> int:
     else:
         print(f"POST /api/publish, keep-alive, {result['connections']} connections, "
               f"{result['backplane']} backplane: "
-              f"{result['requests_per_s']:,} requests/s over {result['seconds']} s "
+              f"{result['requests_per_s']:,} requests/s over {result['seconds']} s, the node "
+              f"using {result['node_cpu_share']:.0%} of its core: "
+              f"{result['requests_per_node_cpu_s'] or 0:,} requests per node CPU-second "
               f"(p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms; "
               f"non-200: {result['errors'] or 'none'})")
     return 0
