@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -419,6 +420,23 @@ async def test_connections_over_the_limit_get_503_and_websockets_go_on(
     await eventually(lambda: api_server.connection_count == 0)  # the slots come back
     async with api(node) as client:
         assert (await client.get("/api/info"))[0] == 200
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET /api/info HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS on the plain port
+    b"GET /api/info HTTP/1.1\r\nX-Long: " + b"a" * 10000 + b"\r\n\r\n",
+])
+async def test_unreadable_http_gets_400_and_no_traceback_in_the_log(
+    node: Node, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await raw_request(node, garbage)
+    answer = await read_until_closed(reader)
+    writer.close()
+    assert answer.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 "))
+    assert not any(record.exc_info for record in caplog.records)
+    await assert_websockets_still_served(node)
 
 
 async def test_many_bad_requests_leave_the_api_and_websockets_serving(

@@ -46,6 +46,7 @@ from wsbroker.api.keys import ApiKeys
 from wsbroker.api.routes import Endpoint, Routes
 from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.config import Settings
+from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
 
 log = logging.getLogger("wsbroker.api")
@@ -89,6 +90,7 @@ class ApiServer:
         self._server = web.Server(
             self._handle,
             access_log=None,  # a line per request would cost more than the request
+            logger=_HttpErrors(),
             keepalive_timeout=self.keepalive_timeout,
             auto_decompress=False,
             lingering_time=1.0,
@@ -176,3 +178,28 @@ class _Busy(asyncio.Protocol):
         writable.write(BUSY_RESPONSE)
         writable.close()
 
+
+
+class _HttpErrors(logging.Logger):
+    """aiohttp's log of requests it could not parse: a throttled line, never a traceback.
+
+    A client can send malformed HTTP (a bad header, a 10 KiB line, TLS on the
+    plain port) at will; aiohttp answers 400 and would log a traceback at ERROR
+    each time. The operator should learn that it happens, and how often, not
+    read a flood.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("wsbroker.api.http")
+        self.parent = log
+        self._throttled = Throttled(log, logging.INFO)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else None
+        detail = getattr(error, "message", None) or type(error).__name__
+        self._throttled("answered {count} unreadable HTTP request(s) in 10 s; latest: %s (%s)",
+                        str(msg) % args if args else msg, repr(str(detail)[:200]))
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        super().debug(msg, *args, **kwargs)  # TLS on the plain port: no traceback either
