@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from wsbroker.api.errors import ApiError, bad_request, invalid_channel
+from wsbroker.api.errors import ApiError, bad_request, invalid_channel, unavailable
 from wsbroker.api.idempotency import Idempotency
 from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.channels import InvalidPattern, Pattern, is_valid_channel
@@ -98,8 +98,7 @@ class Routes:
             try:
                 result = await self._hub.publish(channel, data)
             except BackplaneUnavailable:
-                results.append(_item_error(channel, ApiError(
-                    503, "unavailable", "the backplane is unavailable; retry shortly")))
+                results.append(_item_error(channel, unavailable()))
                 continue
             results.append(_published(channel, result))
         return orjson.dumps({"results": results})
