@@ -36,9 +36,10 @@ def resp_publish(channel: bytes, payload: bytes) -> bytes:
 
 
 def resp_fcall(channel: bytes, payload: bytes, size: bytes) -> bytes:
-    """The RESP encoding of ``FCALL wsb_publish 1 channel payload size 0``."""
-    return b"*7\r\n$5\r\nFCALL\r\n$11\r\nwsb_publish\r\n$1\r\n1\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (  # noqa: E501
-        len(channel), channel, len(payload), payload, len(size), size)
+    """The RESP encoding of ``FCALL wsb_publish 2 {channel}:s {channel}:m payload size 0``."""
+    args = [b"FCALL", b"wsb_publish", b"2", b"{" + channel + b"}:s", b"{" + channel + b"}:m",
+            payload, size, b"0"]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 def message(step: int, seq: int, size: int) -> bytes:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import Client, make_token
+from tests.helpers import Client, clean_env, make_token
 from tests.redis_server import RedisServer
 from wsbroker.config import RateLimit
 from wsbroker.history import HistoryRules
@@ -211,15 +213,63 @@ async def test_backend_fcall_records_history(hnode: Node, engine: dict[str, Any]
     async with clients(hnode, make_token("sub")) as (sub,):
         await sub.subscribe("chat.backend")
         try:
-            reply = await backend.fcall("wsb_publish", 1, "h:chat.backend",  # type: ignore[misc]
-                                        '{"text":"hi"}', 100, 0)
+            reply = await backend.fcall(  # type: ignore[misc]
+                "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.backend}:m",
+                '{"text":"hi"}', 100, 0)
             assert reply[0] == 1
             with pytest.raises(aioredis.ResponseError, match="JSON"):
-                await backend.fcall("wsb_publish", 1, "h:chat.backend",  # type: ignore[misc]
-                                    "not json", 100, 0)
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.backend}:m",
+                    "not json", 100, 0)
+            with pytest.raises(aioredis.ResponseError, match="keys must be"):
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.other}:m", "1", 100, 0)
         finally:
             await backend.aclose()
         assert await sub.next_message() == {"type": "message", "channel": "chat.backend",
                                             "data": {"text": "hi"}, "offset": 1}
         page = await sub.request("history", channel="chat.backend")
         assert [m["offset"] for m in page["messages"]] == [1]
+
+
+@pytest.mark.parametrize("forged", ["bogus", None])
+async def test_a_made_up_envelope_is_dropped_and_changes_nothing(
+        hnode: Node, forged: str | None) -> None:
+    """A raw publish of an envelope with an offset no stream explains (same or other epoch)."""
+    async with clients(hnode, PUBLISHER) as (pub,):
+        ok = await pub.subscribe("chat.f")
+        await publish(pub, "chat.f", 1)
+        epoch = forged or ok["epoch"]
+        await hnode.backplane.publish(
+            "chat.f", b'wsb1{"data":"fake","offset":99,"epoch":"%s"}' % epoch.encode())
+        await publish(pub, "chat.f", 2)
+        assert [m["data"] for m in await messages(pub, 2)] == [1, 2]
+        text = hnode.metrics.render().decode()
+        assert 'wsbroker_messages_dropped_total{reason="out_of_sequence"} 1.0' in text
+        assert (await pub.request("history", channel="chat.f"))["offset"] == 2
+
+
+async def test_publish_command_through_a_node_prints_the_offset(start_node: NodeFactory) -> None:
+    node = await start_node(history=RULES)
+    for expected in ("1\n", "2\n"):
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "wsbroker", "publish", "chat.ws", '{"a":1}',
+             "--url", ws_url(node), "--token", PUBLISHER],
+            capture_output=True, text=True, timeout=30, env=clean_env())
+        assert (run.returncode, run.stdout) == (0, expected), run.stderr
+
+
+async def test_a_replay_larger_than_the_send_buffer_is_not_recovered(
+        start_node: NodeFactory) -> None:
+    node = await start_node(history=RULES, max_send_buffer=4096, rate_limit=RateLimit(0, 0))
+    async with clients(node, PUBLISHER) as (pub,):
+        ok = await pub.request("history", channel="chat.big")
+        for _ in range(60):
+            await publish(pub, "chat.big", "x" * 100)
+        reply = await pub.request("subscribe", channel="chat.big",
+                                  since={"offset": 0, "epoch": ok["epoch"]})
+        assert (reply["recovered"], reply["offset"]) == (False, 60)
+        small = await pub.request("subscribe", channel="chat.small",
+                                  since={"offset": 0, "epoch": "unknown"})
+        assert small["recovered"] is False

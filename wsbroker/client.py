@@ -59,7 +59,7 @@ async def publish_redis(
         else:
             await client.publish(key, data)
     except RedisError as exc:
-        raise ClientError(f"cannot publish through Redis at {redact_url(redis_url)}: {exc}"
+        raise ClientError(f"cannot reach Redis at {redact_url(redis_url)}: {exc}"
                           ) from None
     finally:
         await client.aclose()

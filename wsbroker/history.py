@@ -17,8 +17,8 @@ missed. Three parts live here:
 * :class:`MemoryHistory`: the same behaviour inside the node, for the
   in-process engine.
 
-How the hub uses offsets to deliver every message once, in order, is in
-:class:`Sequence` (one per history channel with local subscribers).
+How a node uses offsets to deliver every message once, in order, and to
+recover gaps is in :mod:`wsbroker.recovery`.
 """
 
 from __future__ import annotations
@@ -159,12 +159,18 @@ LIBRARY_VERSION = 1
 """Raised with every change to :data:`LIBRARY`; a node only ever upgrades the library."""
 
 LIBRARY = """#!lua name=wsbroker
--- wsbroker history (SPEC §7). KEYS[1] is the pub/sub channel, <prefix><channel>;
--- the stream and its metadata live in keys with the same hash slot.
+-- wsbroker history (SPEC §7). For the pub/sub channel N = <prefix><channel>, the
+-- keys are KEYS[1] = {N}:s (the stream) and KEYS[2] = {N}:m (offset and epoch):
+-- the same hash slot as N itself, so SPUBLISH N works in a Redis Cluster.
 local VERSION = __VERSION__
 
-local function keys_of(channel)
-  return '{' .. channel .. '}:s', '{' .. channel .. '}:m'
+-- The pub/sub channel and the two keys, checked: they must be {N}:s and {N}:m.
+local function keys_of(keys)
+  local channel = keys[1] and string.match(keys[1], '^{([^{}]+)}:s$')
+  if not channel or keys[2] ~= '{' .. channel .. '}:m' then
+    error('wsbroker: the keys must be {<prefix><channel>}:s and {<prefix><channel>}:m')
+  end
+  return channel, keys[1], keys[2]
 end
 
 -- The channel's offset and epoch; a new epoch (and an empty stream) when none.
@@ -194,7 +200,7 @@ end
 
 -- ARGV: data (JSON), size, ttl seconds (0: none), [from]
 local function publish(keys, args, command)
-  local channel = keys[1]
+  local channel, skey, mkey = keys_of(keys)
   local data = args[1]
   local size = number(args[2], 'size', 1)
   local ttl = number(args[3], 'ttl', 0)
@@ -202,7 +208,6 @@ local function publish(keys, args, command)
   if data == nil or not pcall(cjson.decode, data) then
     error('wsbroker: data must be a JSON document')
   end
-  local skey, mkey = keys_of(channel)
   local _, epoch = position(skey, mkey, 0)
   local offset = redis.call('HINCRBY', mkey, 'o', 1)
   local sender = ''
@@ -239,7 +244,7 @@ end
 local function since(keys, args)
   local after = number(args[1], 'after', 0)
   local count = number(args[2], 'count', 0)
-  local skey, mkey = keys_of(keys[1])
+  local _, skey, mkey = keys_of(keys)
   local offset, epoch = position(skey, mkey, number(args[3], 'ttl', 0))
   local found = ''
   if count > 0 and after < offset then
@@ -252,7 +257,7 @@ end
 -- ARGV: count, ttl → {offset, epoch, the newest count entries, oldest first}
 local function newest(keys, args)
   local count = number(args[1], 'count', 0)
-  local skey, mkey = keys_of(keys[1])
+  local _, skey, mkey = keys_of(keys)
   local offset, epoch = position(skey, mkey, number(args[2], 'ttl', 0))
   local found = ''
   if count > 0 and offset > 0 then
@@ -320,17 +325,23 @@ async def load_library(client: Redis) -> bool:
     return True
 
 
-async def call_function(client: Redis, name: str, key: bytes, *args: bytes | int) -> Any:
-    """``FCALL name 1 key args…``, loading the library first if this Redis lost it."""
+def history_keys(name: bytes) -> tuple[bytes, bytes]:
+    """The stream and metadata keys of the pub/sub channel ``name`` (``<prefix><channel>``)."""
+    return b"{" + name + b"}:s", b"{" + name + b"}:m"
+
+
+async def call_function(client: Redis, function: str, name: bytes, *args: bytes | int) -> Any:
+    """``FCALL function 2 {name}:s {name}:m args…``, loading the library if Redis lost it."""
     from redis.exceptions import ResponseError
 
+    keys = history_keys(name)
     try:
-        return await client.fcall(name, 1, key, *args)
+        return await client.fcall(function, 2, *keys, *args)
     except ResponseError as exc:
         if not library_is_missing(exc):
             raise
     await load_library(client)
-    return await client.fcall(name, 1, key, *args)
+    return await client.fcall(function, 2, *keys, *args)
 
 
 
