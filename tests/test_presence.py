@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -30,9 +30,12 @@ from tests.helpers import (
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
 from wsbroker.auth import AuthError, Verifier
+from wsbroker.backplane.memory import MemoryBackplane
 from wsbroker.channels import PatternSet
 from wsbroker.config import ConfigError, Settings, load_settings
-from wsbroker.presence import PresenceNotEnabled, PresenceStats
+from wsbroker.metrics import Metrics
+from wsbroker.presence import Member, PresenceNotEnabled, PresenceService, PresenceStats
+from wsbroker.presence.memory import MemoryPresenceStore
 from wsbroker.server import Node
 
 ROOM = "chat.room"
@@ -424,3 +427,46 @@ def test_presence_flags_and_their_defaults() -> None:
         load_settings({"presence_ttl": "0.5"}, environ={})
     with pytest.raises(ConfigError, match="--presence"):
         load_settings({"presence": ["a..b"]}, environ={})
+
+
+# -- refresh spread ------------------------------------------------------------------------
+
+
+class RecordingStore(MemoryPresenceStore):
+    """The in-process store, noting the size of every refresh the node makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshes: list[tuple[float, int]] = []
+        self.refreshed: set[str] = set()
+
+    async def refresh(self, held: Mapping[str, Sequence[Member]]) -> list[tuple[str, Member]]:
+        members = [member for chunk in held.values() for member in chunk]
+        self.refreshes.append((time.monotonic(), len(members)))
+        self.refreshed.update(member.client for member in members)
+        return await super().refresh(held)
+
+
+async def test_refreshes_are_spread_over_the_period_not_one_burst() -> None:
+    ttl = 1.5  # a refresh period of 0.5 s in 20 ticks of 25 ms
+    settings = Settings(presence=PRESENCE, presence_ttl=ttl)
+    backplane = MemoryBackplane()
+    store = RecordingStore()
+    presence = PresenceService(settings, backplane, Metrics(), store)
+    await backplane.start()
+    await presence.start()
+    try:
+        members = [Member.of(f"client-{i}", f"user-{i}") for i in range(4000)]
+        for member in members:
+            await presence.join(f"chat.{hash(member.client) % 50}", member)
+        store.refreshes.clear()
+        store.refreshed.clear()
+        everyone = {member.client for member in members}
+        await eventually(lambda: store.refreshed == everyone)  # every slice came round
+        sizes = [size for _, size in store.refreshes if size]
+        # 20 slices: each tick carries about 1/20 of the members, never a burst of all.
+        assert len(sizes) >= 20
+        assert max(sizes) < len(members) / 8, sizes
+    finally:
+        await presence.stop()
+        await backplane.stop()
