@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import NodeFactory, http_url, ws_url
@@ -29,6 +30,7 @@ from tests.helpers import (
 )
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
+from wsbroker import protocol
 from wsbroker.auth import AuthError, Verifier
 from wsbroker.backplane.memory import MemoryBackplane
 from wsbroker.channels import PatternSet
@@ -470,3 +472,36 @@ async def test_refreshes_are_spread_over_the_period_not_one_burst() -> None:
     finally:
         await presence.stop()
         await backplane.stop()
+
+
+# -- the wire: event envelopes ---------------------------------------------------------------
+
+
+def test_member_events_travel_as_wsb1_envelopes() -> None:
+    member = Member.of("c1", "alice", {"n": 1})
+    payload = protocol.encode_member_event("join", member.json)
+    assert payload == b'wsb1{"event":"join","member":{"client":"c1","user":"alice","info":{"n":1}}}'
+    envelope = protocol.decode_payload(payload)
+    assert envelope.event == protocol.MemberEvent("join", member.json, "c1")
+    assert orjson.loads(protocol.encode_member_frame("join", ROOM, member.json)) == {
+        "type": "join", "channel": ROOM, "member": {"client": "c1", "user": "alice",
+                                                    "info": {"n": 1}}}
+    for bad in (b'wsb1{"event":"wave","member":{"client":"c"}}',
+                b'wsb1{"event":"join","member":"c"}',
+                b'wsb1{"event":"leave","member":{"user":"u"}}'):
+        with pytest.raises(ValueError):
+            protocol.decode_payload(bad)
+
+
+async def test_a_malformed_event_from_a_backend_is_dropped_and_counted(
+    start_node: NodeFactory, redis_server: RedisServer,
+) -> None:
+    node = await start_node(redis_url=redis_server.url, join_leave=PRESENCE)
+    async with clients((node, make_token("a"))) as (a,):
+        await a.subscribe(ROOM)
+        with redis_server.client() as backend:
+            backend.publish("ws:" + ROOM, b'wsb1{"event":"join","member":42}')
+            backend.publish("ws:" + ROOM, b'wsb1{"event":"leave","member":{"client":"x"}}')
+        frame = await a.receive()
+        assert frame == {"type": "leave", "channel": ROOM, "member": {"client": "x"}}
+        assert await _metric(node, 'wsbroker_messages_dropped_total{reason="invalid_payload"}') == 1
