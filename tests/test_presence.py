@@ -308,6 +308,20 @@ async def _frames(client: Client, count: int) -> list[tuple[str, Any]]:
     return seen
 
 
+async def test_a_join_frame_finds_the_member_listed_and_a_leave_finds_it_gone(
+    fleet: Fleet,
+) -> None:
+    one, two = await fleet(join_leave=PRESENCE)
+    async with clients((one, make_token("watcher"))) as (watcher,):
+        await watcher.subscribe(ROOM)
+        async with clients((two, make_token("bob"))) as (bob,):
+            await bob.subscribe(ROOM)
+            assert (await watcher.receive())["type"] == "join"
+            assert {m["user"] for m in await members_on(watcher)} == {"watcher", "bob"}
+        assert (await watcher.receive())["type"] == "leave"
+        assert {m["user"] for m in await members_on(watcher)} == {"watcher"}
+
+
 async def test_a_member_never_receives_its_own_join_or_leave(start_node: NodeFactory) -> None:
     node = await start_node(join_leave=PRESENCE)
     async with clients((node, make_token("solo", publish=[">"]))) as (solo,):
