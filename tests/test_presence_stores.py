@@ -160,8 +160,11 @@ async def test_channels_are_separate(stores: Stores) -> None:
 async def test_refresh_returns_the_members_the_store_no_longer_has(stores: Stores) -> None:
     channel = unique("room", stores)
     await stores.store.add(channel, ALICE_1)
-    assert await stores.store.refresh(channel, [ALICE_1, BOB]) == [BOB]
-    assert await stores.store.refresh(channel, []) == []
+    other = unique("other", stores)
+    await stores.store.add(other, BOB)
+    lost = await stores.store.refresh({channel: [ALICE_1, BOB], other: [BOB, ALICE_2]})
+    assert sorted(lost, key=str) == sorted([(channel, BOB), (other, ALICE_2)], key=str)
+    assert await stores.store.refresh({}) == []
     assert await stores.store.stats(channel) == PresenceStats(1, 1)  # refresh adds nothing
 
 
@@ -171,7 +174,7 @@ async def test_thousands_of_members_on_one_channel(stores: Stores) -> None:
     await asyncio.gather(*(stores.store.add(channel, member) for member in members))
     assert await stores.store.stats(channel) == PresenceStats(2500, 700)
     assert len(await stores.store.members(channel)) == 2500
-    assert await stores.store.refresh(channel, members) == []  # chunked over 1,000
+    assert await stores.store.refresh({channel: members}) == []  # chunked over 1,000
 
 
 # -- Redis and Redis Cluster: several nodes, expiry, outages ---------------------------
@@ -209,7 +212,23 @@ async def test_refresh_keeps_members_past_the_ttl(stores: Stores) -> None:
     await store.add(channel, ALICE_1)
     for _ in range(4):
         await asyncio.sleep(0.4)  # the pace of a refresher with a 1 s TTL
-        assert await store.refresh(channel, [ALICE_1]) == []
+        assert await store.refresh({channel: [ALICE_1]}) == []
+    assert await stores.store.stats(channel) == PresenceStats(1, 1)
+
+
+async def test_refresh_works_after_redis_forgot_the_scripts(
+    stores: Stores, request: pytest.FixtureRequest,
+) -> None:
+    stores.redis_settings()
+    channel = unique("room", stores)
+    await stores.store.add(channel, ALICE_1)
+    assert await stores.store.refresh({channel: [ALICE_1, BOB]}) == [(channel, BOB)]
+    servers: list[RedisServer] = (
+        [stores.server] if stores.server is not None
+        else list(request.getfixturevalue("redis_cluster_module").nodes))
+    for server in servers:
+        server.command("SCRIPT", "FLUSH")  # as after a restart or a failover
+    assert await stores.store.refresh({channel: [ALICE_1, BOB]}) == [(channel, BOB)]
     assert await stores.store.stats(channel) == PresenceStats(1, 1)
 
 
@@ -240,7 +259,7 @@ async def test_redis_down_fails_reads_and_adds_but_not_removes(stores: Stores) -
     with pytest.raises(BackplaneUnavailable):
         await stores.store.add(channel, BOB)
     with pytest.raises(BackplaneUnavailable):
-        await stores.store.refresh(channel, [ALICE_1])
+        await stores.store.refresh({channel: [ALICE_1]})
     await asyncio.wait_for(stores.store.remove(channel, ALICE_1), 5)
     stores.server.start()  # empty: what it held is gone, and refresh says so
-    assert await stores.store.refresh(channel, [ALICE_1]) == [ALICE_1]
+    assert await stores.store.refresh({channel: [ALICE_1]}) == [(channel, ALICE_1)]

@@ -259,10 +259,12 @@ class Session:
         if self._expiry is not None:
             self._expiry.cancel()
         hub, presence = self._node.hub, self._node.presence
+        member = self._member() if self.channels else None
         for channel in self.channels:
             with contextlib.suppress(Exception):
                 await hub.unsubscribe(channel, self)
-                await presence.leave(channel, self._member())
+                if member is not None:
+                    await presence.leave(channel, member)
         self.channels.clear()
         if self._closing is not None:
             self._closing.cancel()

@@ -9,10 +9,11 @@ subscription of one connection, keyed by the connection's client id. The node
   (a refreshed token with new ``info``) and still counts it once;
 * ``remove`` never raises: an entry it cannot delete now (Redis down) expires
   by itself within the store's TTL;
-* ``refresh`` extends the expiry of this node's entries and returns those the
-  store no longer has (a Redis restarted empty, a node cut off for longer than
-  the TTL); the node adds back the ones still subscribed, so a living node's
-  members are never missing for longer than one refresh period;
+* ``refresh`` (many channels at once) extends the expiry of this node's entries
+  and returns those the store no longer has (a Redis restarted empty, a node cut
+  off for longer than the TTL); the node adds back the ones still subscribed,
+  so a living node's members are never missing for longer than one refresh
+  period;
 * an entry whose node stopped refreshing it disappears within the TTL;
 * while the store cannot be reached, ``add``, ``refresh``, ``members`` and
   ``stats`` raise :class:`~wsbroker.backplane.BackplaneUnavailable`.
@@ -80,8 +81,9 @@ class PresenceStore(abc.ABC):
         """Delete ``member``'s entry. Never raises."""
 
     @abc.abstractmethod
-    async def refresh(self, channel: str, members: Sequence[Member]) -> list[Member]:
-        """Extend the expiry of ``members``; return those the store no longer has."""
+    async def refresh(self, held: Mapping[str, Sequence[Member]]) -> list[tuple[str, Member]]:
+        """Extend the expiry of ``held`` (channel → members), in as few round trips as
+        it can; return the (channel, member) pairs the store no longer has."""
 
     @abc.abstractmethod
     async def members(self, channel: str) -> list[bytes]:

@@ -7,7 +7,7 @@ with it, so entries need no expiry and ``refresh`` has nothing to do.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from wsbroker.presence.base import Member, PresenceStats, PresenceStore
 
@@ -44,9 +44,9 @@ class MemoryPresenceStore(PresenceStore):
             del self._members[channel]
             del self._users[channel]
 
-    async def refresh(self, channel: str, members: Sequence[Member]) -> list[Member]:
-        held = self._members.get(channel, {})
-        return [member for member in members if member.client not in held]
+    async def refresh(self, held: Mapping[str, Sequence[Member]]) -> list[tuple[str, Member]]:
+        return [(channel, member) for channel, members in held.items() for member in members
+                if member.client not in self._members.get(channel, {})]
 
     async def members(self, channel: str) -> list[bytes]:
         return [member.json for member in self._members.get(channel, {}).values()]
