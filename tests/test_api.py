@@ -24,10 +24,12 @@ from tests.api_client import (
 )
 from tests.conftest import NodeFactory, http_url, ws_url
 from tests.helpers import SECRET, Client, eventually, http_get, make_token
+from wsbroker.api.idempotency import MemoryIdempotency
 from wsbroker.api.server import ApiServer
+from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.channels import PatternSet
 from wsbroker.cli import main as cli_main
-from wsbroker.history import HistoryRules
+from wsbroker.history import HistoryRules, Published
 from wsbroker.server import Node
 
 
@@ -492,3 +494,24 @@ def test_serve_refuses_a_short_api_key(capsys: pytest.CaptureFixture[str]) -> No
 async def test_the_api_is_off_without_a_port(start_node: NodeFactory) -> None:
     node = await start_node(api_key=(KEY,))
     assert node.api is None
+
+
+async def test_in_node_idempotency_lasts_5_minutes_and_forgets_failures() -> None:
+    now = [1000.0]
+    keys = MemoryIdempotency(clock=lambda: now[0])
+    calls: list[int] = []
+
+    async def publish() -> Published:
+        calls.append(1)
+        if len(calls) == 1:
+            raise BackplaneUnavailable("down")
+        return Published(len(calls), "e")
+
+    with pytest.raises(BackplaneUnavailable):
+        await keys.once("a", "k", publish)
+    assert await keys.once("a", "k", publish) == Published(2, "e")  # the retry publishes
+    now[0] += 299
+    assert await keys.once("a", "k", publish) == Published(2, "e")  # the first answer again
+    assert await keys.once("b", "k", publish) == Published(3, "e")  # another channel
+    now[0] += 2
+    assert await keys.once("a", "k", publish) == Published(4, "e")  # 5 minutes passed
