@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import NodeFactory, http_url, ws_url
@@ -29,10 +30,14 @@ from tests.helpers import (
 )
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
+from wsbroker import protocol
 from wsbroker.auth import AuthError, Verifier
+from wsbroker.backplane.memory import MemoryBackplane
 from wsbroker.channels import PatternSet
 from wsbroker.config import ConfigError, Settings, load_settings
-from wsbroker.presence import PresenceNotEnabled, PresenceStats
+from wsbroker.metrics import Metrics
+from wsbroker.presence import Member, PresenceNotEnabled, PresenceService, PresenceStats
+from wsbroker.presence.memory import MemoryPresenceStore
 from wsbroker.server import Node
 
 ROOM = "chat.room"
@@ -304,6 +309,20 @@ async def _frames(client: Client, count: int) -> list[tuple[str, Any]]:
     return seen
 
 
+async def test_a_join_frame_finds_the_member_listed_and_a_leave_finds_it_gone(
+    fleet: Fleet,
+) -> None:
+    one, two = await fleet(join_leave=PRESENCE)
+    async with clients((one, make_token("watcher"))) as (watcher,):
+        await watcher.subscribe(ROOM)
+        async with clients((two, make_token("bob"))) as (bob,):
+            await bob.subscribe(ROOM)
+            assert (await watcher.receive())["type"] == "join"
+            assert {m["user"] for m in await members_on(watcher)} == {"watcher", "bob"}
+        assert (await watcher.receive())["type"] == "leave"
+        assert {m["user"] for m in await members_on(watcher)} == {"watcher"}
+
+
 async def test_a_member_never_receives_its_own_join_or_leave(start_node: NodeFactory) -> None:
     node = await start_node(join_leave=PRESENCE)
     async with clients((node, make_token("solo", publish=[">"]))) as (solo,):
@@ -425,3 +444,79 @@ def test_presence_flags_and_their_defaults() -> None:
         load_settings({"presence_ttl": "0.5"}, environ={})
     with pytest.raises(ConfigError, match="--presence"):
         load_settings({"presence": ["a..b"]}, environ={})
+
+
+# -- refresh spread ------------------------------------------------------------------------
+
+
+class RecordingStore(MemoryPresenceStore):
+    """The in-process store, noting the size of every refresh the node makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshes: list[tuple[float, int]] = []
+        self.refreshed: set[str] = set()
+
+    async def refresh(self, held: Mapping[str, Sequence[Member]]) -> list[tuple[str, Member]]:
+        members = [member for chunk in held.values() for member in chunk]
+        self.refreshes.append((time.monotonic(), len(members)))
+        self.refreshed.update(member.client for member in members)
+        return await super().refresh(held)
+
+
+async def test_refreshes_are_spread_over_the_period_not_one_burst() -> None:
+    ttl = 1.5  # a refresh period of 0.5 s in 20 ticks of 25 ms
+    settings = Settings(presence=PRESENCE, presence_ttl=ttl)
+    backplane = MemoryBackplane()
+    store = RecordingStore()
+    presence = PresenceService(settings, backplane, Metrics(), store)
+    await backplane.start()
+    await presence.start()
+    try:
+        members = [Member.of(f"client-{i}", f"user-{i}") for i in range(4000)]
+        for member in members:
+            await presence.join(f"chat.{hash(member.client) % 50}", member)
+        store.refreshes.clear()
+        store.refreshed.clear()
+        everyone = {member.client for member in members}
+        await eventually(lambda: store.refreshed == everyone)  # every slice came round
+        sizes = [size for _, size in store.refreshes if size]
+        # 20 slices: each tick carries about 1/20 of the members, never a burst of all.
+        assert len(sizes) >= 20
+        assert max(sizes) < len(members) / 8, sizes
+    finally:
+        await presence.stop()
+        await backplane.stop()
+
+
+# -- the wire: event envelopes ---------------------------------------------------------------
+
+
+def test_member_events_travel_as_wsb1_envelopes() -> None:
+    member = Member.of("c1", "alice", {"n": 1})
+    payload = protocol.encode_member_event("join", member.json)
+    assert payload == b'wsb1{"event":"join","member":{"client":"c1","user":"alice","info":{"n":1}}}'
+    envelope = protocol.decode_payload(payload)
+    assert envelope.event == protocol.MemberEvent("join", member.json, "c1")
+    assert orjson.loads(protocol.encode_member_frame("join", ROOM, member.json)) == {
+        "type": "join", "channel": ROOM, "member": {"client": "c1", "user": "alice",
+                                                    "info": {"n": 1}}}
+    for bad in (b'wsb1{"event":"wave","member":{"client":"c"}}',
+                b'wsb1{"event":"join","member":"c"}',
+                b'wsb1{"event":"leave","member":{"user":"u"}}'):
+        with pytest.raises(ValueError):
+            protocol.decode_payload(bad)
+
+
+async def test_a_malformed_event_from_a_backend_is_dropped_and_counted(
+    start_node: NodeFactory, redis_server: RedisServer,
+) -> None:
+    node = await start_node(redis_url=redis_server.url, join_leave=PRESENCE)
+    async with clients((node, make_token("a"))) as (a,):
+        await a.subscribe(ROOM)
+        with redis_server.client() as backend:
+            backend.publish("ws:" + ROOM, b'wsb1{"event":"join","member":42}')
+            backend.publish("ws:" + ROOM, b'wsb1{"event":"leave","member":{"client":"x"}}')
+        frame = await a.receive()
+        assert frame == {"type": "leave", "channel": ROOM, "member": {"client": "x"}}
+        assert await _metric(node, 'wsbroker_messages_dropped_total{reason="invalid_payload"}') == 1

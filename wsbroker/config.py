@@ -169,6 +169,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("webhook-vacate-delay", parse_duration, "5s",
            "empty this long, fleet-wide, before channel_vacated/member_removed"),
     Option("webhook-queue", int, "10000", "webhook events pending at most; the excess is dropped"),
+    # The HTTP API for backend services (SPEC §12): off unless --api-port is set.
+    Option("api-port", int, None, "HTTP API port; unset = no API (0 picks a free one)"),
+    Option("api-host", _text, "127.0.0.1", "address the HTTP API listens on"),
+    Option("api-key", _text, None, "keys the HTTP API accepts (several: rotation)",
+           is_list=True),
+    Option("api-max-body", parse_size, "1MiB", "largest HTTP API request body"),
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -226,6 +232,10 @@ class Settings:
     """Seconds one webhook request may take (no flag: SPEC §13 fixes it; tests shorten it)."""
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
     """Pause before each retry, jittered (no flag; tests shorten it)."""
+    api_port: int | None = None
+    api_host: str = "127.0.0.1"
+    api_key: tuple[str, ...] = ()
+    api_max_body: int = 1024 * 1024
 
     @property
     def has_key(self) -> bool:
@@ -312,6 +322,7 @@ def _validate(settings: Settings) -> None:
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     _validate_webhooks(settings)
+    _validate_api(settings)
 
 
 def _validate_key(settings: Settings) -> None:
@@ -358,3 +369,23 @@ def _validate_webhooks(settings: Settings) -> None:
             decode_secret(secret)
         except ValueError as exc:
             raise ConfigError(f"--webhook-secret (entry {index}): {exc}") from None
+
+
+API_KEY_MIN_LENGTH = 16
+
+
+def _validate_api(settings: Settings) -> None:
+    if settings.api_port is None:
+        return
+    if not 0 <= settings.api_port <= 65535:
+        raise ConfigError(f"--api-port: {settings.api_port} is not a TCP port")
+    if not settings.api_key:
+        raise ConfigError("--api-key is required with --api-port (WSB_API_KEY; several keys, "
+                          "comma-separated, allow rotation)")
+    if not all(re.fullmatch(rf"[\x21-\x7e]{{{API_KEY_MIN_LENGTH},}}", key)
+               for key in settings.api_key):
+        raise ConfigError(f"--api-key: every key must be at least {API_KEY_MIN_LENGTH} "
+                          "printable ASCII characters without spaces (e.g. `openssl rand -hex "
+                          "32`)")
+    if settings.api_max_body < 1024:
+        raise ConfigError("--api-max-body must be at least 1KiB")

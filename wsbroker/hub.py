@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from wsbroker.backplane import Backplane, BackplaneUnavailable
+from wsbroker.backplane import Backplane, BackplaneUnavailable, MessageHandler
 from wsbroker.history import HistoryNotEnabled, HistoryPage, HistoryRules, Position, Published
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
@@ -109,6 +109,7 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self._subscription_count = 0
         self._closed = False
+        self._listeners: dict[str, MessageHandler] = {}
         self._log_invalid = Throttled(log, logging.WARNING)
 
     @property
@@ -118,6 +119,19 @@ class Hub:
     @property
     def subscription_count(self) -> int:
         return self._subscription_count
+
+    def channel_names(self) -> list[str]:
+        """The channels with at least one local subscriber."""
+        return [name for name, state in self._channels.items() if state.subscribers]
+
+    async def listen(self, channel: str, handler: MessageHandler) -> None:
+        """Receive the raw payloads of an internal backplane channel (node control).
+
+        ``channel`` must be a name no client channel can take; its payloads
+        never reach sessions. Raises ``BackplaneUnavailable`` like ``subscribe``.
+        """
+        self._listeners[channel] = handler
+        await self._backplane.subscribe(channel)
 
     async def subscribe(self, channel: str, subscriber: Subscriber, since: Since | None = None,
                         confirm: Confirm | None = None) -> Position | None:
@@ -222,6 +236,9 @@ class Hub:
         metrics.messages_received.inc()
         state = self._channels.get(channel)
         if state is None or (not state.subscribers and state.history is None):
+            listener = self._listeners.get(channel) if state is None else None
+            if listener is not None:
+                listener(channel, payload)
             return
         started = time.perf_counter()
         try:
@@ -328,6 +345,7 @@ class Hub:
         states = list(self._channels.values())
         pending = [state.ready for state in states if not state.ready.done()]
         self._channels.clear()
+        self._listeners.clear()
         self._subscription_count = 0
         self._metrics.channels.set(0)
         self._metrics.subscriptions.set(0)

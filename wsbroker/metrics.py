@@ -75,6 +75,9 @@ class Metrics:
         self.webhook_events_dropped = Counter(
             "wsbroker_webhook_events_dropped", "Webhook events never delivered, by reason.",
             ["reason"], registry=r)
+        self.api_requests = Counter(
+            "wsbroker_api_requests", "HTTP API requests, by endpoint path (or 'other') and "
+            "status code.", ["endpoint", "status"], registry=r)
 
     def render(self) -> bytes:
         if self._multiprocess_dir is None:

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -21,16 +22,19 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from wsbroker import http
+from wsbroker.api import ApiServer, create_api
 from wsbroker.auth import AuthError, Identity, Verifier
 from wsbroker.backplane import Backplane, create_backplane
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
+from wsbroker.control import Control
 from wsbroker.hub import Hub
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
 from wsbroker.outbox import CLOSE_TIMEOUT, Connection
 from wsbroker.presence import PresenceService
-from wsbroker.session import CLOSE_SERVICE_RESTART, NodeServices, Session
+from wsbroker.registry import NodeReport, create_registry, open_redis, uptime_since
+from wsbroker.session import CLOSE_DISCONNECTED, CLOSE_SERVICE_RESTART, NodeServices, Session
 
 if TYPE_CHECKING:
     from wsbroker.webhooks.service import Webhooks
@@ -77,6 +81,14 @@ class Node:
         self._backplane_seen_down = False
         self._server: Server | None = None
         self._log_refusal = Throttled(log, logging.INFO)
+        # The fleet services the HTTP API stands on; every node runs them, API or not.
+        self._started_at = time.monotonic()
+        self.control = Control(self.hub, self.backplane, self.disconnect_user)
+        self._redis = open_redis(settings) if settings.redis_url else None
+        self.registry = create_registry(settings, self._redis, self.report,
+                                        self.hub.channel_names)
+        self.api: ApiServer | None = None
+        self._control_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -88,6 +100,8 @@ class Node:
         await self.presence.start()
         if self.webhooks is not None:
             await self.webhooks.start()
+        await self.control.listen()  # or, if the backplane is down, once it is up
+        await self.registry.start()
         self._server = await serve(
             self._serve_connection,
             settings.host,
@@ -109,6 +123,10 @@ class Node:
             ssl=_tls_context(settings),
             reuse_port=settings.workers > 1,
         )
+        if settings.api_port is not None:
+            self.api = create_api(settings, self.hub, self.control, self.registry,
+                                  self.presence, self._redis, self.metrics)
+            await self.api.start()
         log.info("node %s listening on %s://%s:%d/ws (backplane: %s)",
                  settings.node_id, "wss" if settings.tls_cert else "ws", settings.host,
                  self.port, type(self.backplane).__name__)
@@ -152,6 +170,11 @@ class Node:
     async def stop(self) -> None:
         """Close everything now (clients still connected get 1001 from websockets)."""
         self.draining = True
+        if self.api is not None:
+            await self.api.stop()
+        await self.registry.stop()
+        if self._control_task is not None:
+            self._control_task.cancel()
         if self._server is not None:
             self._server.close()
         # Subscribes still waiting on the backplane end now, so their sessions
@@ -168,6 +191,8 @@ class Node:
         await self.backplane.stop()
         self.metrics.connections.set(0)
         self.metrics.backplane_up.set(0)
+        if self._redis is not None:
+            await self._redis.aclose()
         log.info("node %s stopped", self.settings.node_id)
 
     async def __aenter__(self) -> Node:
@@ -182,8 +207,24 @@ class Node:
     ) -> None:
         await self.stop()
 
+    def disconnect_user(self, user: str) -> int:
+        """Close every connection of ``user`` on this node with 4003; returns how many."""
+        closing = [session for session in self.sessions
+                   if session.identity is not None and session.identity.user == user]
+        for session in closing:
+            session.close_soon(CLOSE_DISCONNECTED, "disconnected by the operator")
+        return len(closing)
+
+    def report(self) -> NodeReport:
+        """This node as ``/api/info`` shows it."""
+        return NodeReport(self.settings.node_id, len(self._admitted),
+                          self.hub.subscription_count, self.hub.channel_count,
+                          uptime_since(self._started_at))
+
     def _on_backplane_state(self, up: bool) -> None:
         self.metrics.backplane_up.set(1 if up else 0)
+        if up and not self.control.listening and not self.draining:
+            self._control_task = asyncio.ensure_future(self.control.listen())
         if not up:
             self._backplane_seen_down = True
             log.warning("backplane down: /readyz is 503 until it is back")

@@ -16,9 +16,9 @@ also carries a key TTL of ``--presence-ttl`` set on every write, so a channel
 abandoned by every node leaves nothing behind. Memory and commands per member
 are measured in ``docs/presence.md``.
 
-Scripts run with ``EVALSHA``, falling back to ``EVAL`` (which caches the script)
-on the first call to a server that does not know it yet; with a cluster,
-redis-py routes each call to the master of the keys' slot.
+Every call is a pipeline (of one, for a join or a leave) of ``EVALSHA``, sent
+again as ``EVAL`` (which caches the script) when a server does not know it yet;
+with a cluster, redis-py routes each call to the master of the keys' slot.
 """
 
 from __future__ import annotations
@@ -128,17 +128,11 @@ a drain) must queue here, not fail."""
 
 
 class _Script:
-    """A Lua script run by its SHA1, sent in full only to a server that lacks it."""
+    """A Lua script, run by its SHA1 (see :meth:`RedisPresenceStore._pipelined`)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, client: Any, keys: Sequence[bytes], *args: bytes | int) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
 
 
 class _RefreshCall:
@@ -273,9 +267,5 @@ class RedisPresenceStore(PresenceStore):
         replies: list[Any] = await pipe.execute()
         return replies
 
-    async def _run(self, script: _Script, channel: str, *args: bytes | int) -> Any:
-        try:
-            async with self._in_flight:
-                return await script(self._client, self.keys(channel), *args)
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-            raise BackplaneUnavailable(f"Redis presence: {exc}") from exc
+    async def _run(self, script: _Script, channel: str, *args: bytes | int) -> None:
+        await self._pipelined(script, [(self.keys(channel), args)])
