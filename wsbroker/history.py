@@ -28,11 +28,11 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from wsbroker.channels import PatternSet
-from wsbroker.protocol import encode_envelope
+from wsbroker.protocol import Since, encode_envelope
 
 if TYPE_CHECKING:  # the Redis client is imported only where Redis is used
     from redis.asyncio import Redis
@@ -71,6 +71,13 @@ class Position:
     offset: int
     epoch: str
     recovered: bool | None = None
+
+    def already_live(self, since: Since | None) -> Position:
+        """The answer to a repeated ``subscribe``: nothing is replayed, so ``since``
+        counts as recovered only if it is exactly here."""
+        if since is None:
+            return self
+        return replace(self, recovered=since.epoch == self.epoch and since.offset == self.offset)
 
     def fields(self) -> dict[str, object]:
         """The fields the ``ok`` reply carries."""
