@@ -15,7 +15,7 @@ from tests.helpers import SECRET, ServerProcess
 from wsbroker.config import Settings
 from wsbroker.server import Node
 
-pytest_plugins = ["tests.redis_server", "tests.redis_cluster"]
+pytest_plugins = ["tests.redis_server", "tests.redis_cluster", "tests.browser_client_harness"]
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
