@@ -85,7 +85,8 @@ class TokenEndpoint:
     """The application's backend endpoint that mints a token per call."""
 
     def __init__(self) -> None:
-        self.mint: Callable[[], str] = lambda: make_token("alice", publish=[">"])
+        self.mint: Callable[[], str] = lambda: make_token(
+            "alice", publish=[">"], jti=str(len(self.issued)))
         self.delay = 0.0
         self.issued: list[str] = []
         self.started = asyncio.Event()
