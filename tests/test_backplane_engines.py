@@ -26,6 +26,8 @@ from wsbroker.backplane.cluster import ClusterBackplane
 from wsbroker.backplane.memory import MemoryBackplane
 from wsbroker.backplane.redis import RedisBackplane, backoff_delay, redact_url
 from wsbroker.config import Settings
+from wsbroker.history import HistoryRule
+from wsbroker.protocol import Envelope, decode_payload
 
 pytestmark = pytest.mark.filterwarnings("error")  # no unclosed sockets, no stray warnings
 
@@ -238,6 +240,59 @@ async def test_down_engine_refuses_subscribe_and_publish(node: Node) -> None:
     with pytest.raises(BackplaneUnavailable):
         await node.engine.publish("a", b"x")
     await node.engine.unsubscribe("a")
+
+
+# -- history (SPEC §7): every engine -------------------------------------------------
+
+RULE = HistoryRule("h.>", 5)
+
+
+def offsets_of(payloads: list[bytes]) -> list[int | None]:
+    return [decode_payload(payload).offset for payload in payloads]
+
+
+async def test_history_publish_numbers_and_delivers_atomically(node: Node) -> None:
+    await node.engine.subscribe("h.a")
+    first = await node.engine.publish_history("h.a", b'{"n":1}', "alice", RULE)
+    second = await node.engine.publish_history("h.a", b"2", None, RULE)
+    assert (first.offset, second.offset) == (1, 2)
+    assert first.epoch and first.epoch == second.epoch
+    got = await node.rec.received("h.a", 2)
+    assert [decode_payload(p) for p in got] == [
+        Envelope(b'{"n":1}', "alice", 1, first.epoch), Envelope(b"2", None, 2, first.epoch)]
+
+
+async def test_history_read_since_and_newest(node: Node) -> None:
+    empty = await node.engine.read_since("h.b", 0, 10, RULE)
+    assert (empty.offset, empty.entries) == (0, [])
+    for index in range(1, 8):
+        await node.engine.publish_history("h.b", b"%d" % index, None, RULE)
+    since = await node.engine.read_since("h.b", 4, 10, RULE)
+    assert (since.offset, since.epoch) == (7, empty.epoch)
+    assert [offset for offset, _ in since.entries] == [5, 6, 7]
+    assert offsets_of([payload for _, payload in since.entries]) == [5, 6, 7]
+    trimmed = await node.engine.read_since("h.b", 0, 10, RULE)
+    assert [offset for offset, _ in trimmed.entries] == [3, 4, 5, 6, 7]  # SIZE 5
+    paged = await node.engine.read_since("h.b", 3, 2, RULE)
+    assert [offset for offset, _ in paged.entries] == [4, 5]
+    newest = await node.engine.read_newest("h.b", 2, RULE)
+    assert [offset for offset, _ in newest.entries] == [6, 7]
+    assert [decode_payload(p).data for _, p in newest.entries] == [b"6", b"7"]
+
+
+async def test_history_channels_are_independent(node: Node) -> None:
+    one = await node.engine.publish_history("h.one", b"1", None, RULE)
+    two = await node.engine.publish_history("h.two", b"1", None, RULE)
+    assert one.offset == two.offset == 1
+    assert one.epoch != two.epoch
+
+
+async def test_down_engine_refuses_history(node: Node) -> None:
+    await node.engine.stop()
+    with pytest.raises(BackplaneUnavailable):
+        await node.engine.publish_history("h.x", b"1", None, RULE)
+    with pytest.raises(BackplaneUnavailable):
+        await node.engine.read_since("h.x", 0, 10, RULE)
 
 
 # -- Redis: several nodes, real subscriptions, outages ----------------------------

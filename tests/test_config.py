@@ -69,7 +69,7 @@ def test_rate_limits() -> None:
     [{"max_message_size": "lots"}, {"drain_seconds": "soon"}, {"rate_limit": "fast"},
      {"jwt_algorithms": ["none"]}, {"log_level": "loud"}, {"port": "70000"},
      {"public_channels": ["a..b"]}, {"tls_cert": "c.pem"}, {"dev": "maybe"},
-     {"history": ["chat.>=100"]}, {"redis_cluster": "true"}],
+     {"history": ["chat.>=0"]}, {"history": ["a..b=5"]}, {"redis_cluster": "true"}],
 )
 def test_bad_values_are_refused_with_the_flag_named(flags: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match="--"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from wsbroker.channels import PatternSet
+from wsbroker.history import HistoryRules
 
 
 class ConfigError(ValueError):
@@ -174,7 +175,7 @@ class Settings:
     auth_timeout: float = 10.0
     drain_seconds: float = 10.0
     public_channels: PatternSet = PatternSet(())
-    history: tuple[str, ...] = ()
+    history: HistoryRules = HistoryRules()
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     tls_cert: str | None = None
@@ -227,6 +228,8 @@ def _convert(option: Option, raw: Any) -> Any:
         items = parse_list([raw] if isinstance(raw, str) else raw)
         if option.dest == "public_channels":
             return PatternSet.parse(items)
+        if option.dest == "history":
+            return HistoryRules.parse(items)
         return items
     if not isinstance(raw, str):
         return raw
@@ -248,9 +251,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--max-message-size must be at least 64 bytes")
     if settings.max_connections < 0 or settings.workers < 1:
         raise ConfigError("--max-connections must be ≥ 0 and --workers ≥ 1")
-    if settings.history:
-        raise ConfigError("--history: channel history is not implemented in this version "
-                          "(history answers not_enabled); remove the flag")
+    if settings.history and ("{" in settings.redis_prefix or "}" in settings.redis_prefix):
+        raise ConfigError("--redis-prefix: no braces with --history (history keys use "
+                          "{<prefix><channel>} as their Redis Cluster hash tag)")
     if settings.redis_cluster and not settings.redis_url:
         raise ConfigError("--redis-cluster needs --redis-url (any node of the cluster)")
     if bool(settings.tls_cert) != bool(settings.tls_key):

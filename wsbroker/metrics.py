@@ -58,6 +58,10 @@ class Metrics:
             registry=r)
         self.backplane_up = Gauge("wsbroker_backplane_up", "1 while the backplane is up.",
                                   registry=r, multiprocess_mode="livemin")
+        self.recoveries = Counter(
+            "wsbroker_recoveries", "History recoveries: a client's subscribe with since "
+            "(recovered, not_recovered) or this node reading a gap (node_recovered, node_lost).",
+            ["result"], registry=r)
         self.fanout_seconds = Histogram(
             "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
             buckets=FANOUT_BUCKETS, registry=r)

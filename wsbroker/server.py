@@ -53,7 +53,8 @@ class Node:
         self.settings = settings
         self.metrics = Metrics(metrics_dir)
         self.backplane = backplane if backplane is not None else create_backplane(settings)
-        self.hub = Hub(self.backplane, self.metrics)
+        self.hub = Hub(self.backplane, self.metrics, settings.history,
+                       replay_budget=settings.max_send_buffer)
         self.verifier = Verifier(settings)
         self.services = NodeServices(
             settings, self.hub, self.backplane, self.verifier, self.metrics, FlushScheduler()
@@ -71,7 +72,7 @@ class Node:
 
     async def start(self) -> None:
         settings = self.settings
-        self.backplane.bind(self.hub.on_message, self._on_backplane_state)
+        self.backplane.bind(self.hub.on_message, self._on_backplane_state, self.hub.resync)
         await self.backplane.start()
         self._server = await serve(
             self._serve_connection,

@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -27,6 +28,7 @@ from wsbroker.auth import AuthError, Identity, Verifier
 from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
+from wsbroker.history import HistoryNotEnabled, Position
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
 from wsbroker.protocol import OpId, ProtocolError
@@ -138,6 +140,12 @@ class Session:
 
     def send(self, payload: bytes) -> None:
         self.deliver(Outgoing.of(payload))
+
+    def unsubscribed(self, channel: str, reason: str) -> None:
+        """The hub dropped a subscription (SPEC §5 ``unsubscribed``)."""
+        if channel in self.channels:
+            self.channels.discard(channel)
+            self.send(protocol.encode_unsubscribed(channel, reason))
 
     def _cut_slow_consumer(self) -> None:
         self._cut = True
@@ -302,7 +310,7 @@ class Session:
             case protocol.Publish():
                 return await self._publish(op)
             case protocol.History():
-                return self._history(op)
+                return await self._history(op)
             case protocol.Auth():
                 await self._refresh(op)
                 return None
@@ -319,18 +327,30 @@ class Session:
         if not self._may_read(channel):
             raise ProtocolError("forbidden", f"token does not allow channel {channel!r}", op_id)
 
-    async def _subscribe(self, op: protocol.Subscribe) -> bytes:
+    async def _subscribe(self, op: protocol.Subscribe) -> bytes | None:
         self._check_read(op.id, op.channel)
-        if op.channel not in self.channels:
-            if len(self.channels) >= self._settings.max_subscriptions:
-                raise ProtocolError(
-                    "too_many_subscriptions",
-                    f"at most {self._settings.max_subscriptions} subscriptions per connection",
-                    op.id,
-                )
-            await self._node.hub.subscribe(op.channel, self)
+        if op.channel in self.channels:
+            position = self._node.hub.position(op.channel)
+            fields = position.fields() if position is not None else {}
+            if position is not None and op.since is not None:
+                fields["recovered"] = (op.since.epoch == position.epoch
+                                       and op.since.offset == position.offset)
+            return protocol.encode_ok(op.id, channel=op.channel, **fields)
+        if len(self.channels) >= self._settings.max_subscriptions:
+            raise ProtocolError(
+                "too_many_subscriptions",
+                f"at most {self._settings.max_subscriptions} subscriptions per connection",
+                op.id,
+            )
+
+        def confirm(position: Position | None) -> None:
+            # Sent by the hub right before the replay and live messages: ok comes first.
             self.channels.add(op.channel)
-        return protocol.encode_ok(op.id, channel=op.channel)
+            fields = position.fields() if position is not None else {}
+            self.send(protocol.encode_ok(op.id, channel=op.channel, **fields))
+
+        await self._node.hub.subscribe(op.channel, self, op.since, confirm)
+        return None
 
     async def _unsubscribe(self, op: protocol.Unsubscribe) -> bytes:
         if op.channel in self.channels:
@@ -344,14 +364,20 @@ class Session:
             raise ProtocolError(
                 "forbidden", f"token does not allow publishing to {op.channel!r}", op.id
             )
-        envelope = protocol.encode_envelope(op.data, sender=identity.user)
-        await self._node.backplane.publish(op.channel, envelope)
-        return protocol.encode_ok(op.id, channel=op.channel)
+        published = await self._node.hub.publish(op.channel, op.data, identity.user)
+        if published.offset is None:
+            return protocol.encode_ok(op.id, channel=op.channel)
+        return protocol.encode_ok(op.id, channel=op.channel, offset=published.offset)
 
-    def _history(self, op: protocol.History) -> bytes:
+    async def _history(self, op: protocol.History) -> bytes:
         self._check_read(op.id, op.channel)
-        raise ProtocolError(
-            "not_enabled", f"channel {op.channel!r} keeps no history (see --history)", op.id
+        try:
+            page = await self._node.hub.history(op.channel, op.limit)
+        except HistoryNotEnabled as exc:
+            raise ProtocolError("not_enabled", str(exc), op.id) from None
+        return protocol.encode_ok(
+            op.id, channel=op.channel, messages=[orjson.Fragment(m) for m in page.messages],
+            offset=page.offset, epoch=page.epoch,
         )
 
     async def _refresh(self, op: protocol.Auth) -> None:

@@ -44,6 +44,12 @@ master is connected. One shard down makes the engine report down (``/readyz``
 ``subscribe`` and ``publish`` fail with :class:`BackplaneUnavailable` only for
 channels whose slot lives on a shard that is down; channels on the other shards
 keep working and keep delivering. ``unsubscribe`` never fails.
+
+History: the Function library ``wsbroker`` is loaded (or upgraded) on every
+master when its link connects; a history publish is ``FCALL wsb_spublish`` on
+the slot's owner, whose keys share the slot of the sharded channel. After a
+shard's link reconnects, or channels move to another shard, the hub is told to
+read what they missed (``on_resync``).
 """
 
 from __future__ import annotations
@@ -80,6 +86,14 @@ from wsbroker.backplane.link import (
     supervise,
 )
 from wsbroker.config import Settings
+from wsbroker.history import (
+    HistoryRule,
+    Published,
+    Stream,
+    call_function,
+    load_library,
+    parse_stream,
+)
 
 log = logging.getLogger("wsbroker.backplane.cluster")
 
@@ -108,6 +122,7 @@ class _Shard:
     down: bool = False
     """A connect attempt failed or the link was lost, and it is not back yet."""
     task: asyncio.Task[None] | None = None
+    library: asyncio.Task[None] | None = None
     attempted: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -288,6 +303,51 @@ class ClusterBackplane(Backplane):
                 shard.sub.poke()  # check that shard's link now, not in 5 s
                 raise BackplaneUnavailable(f"Redis publish to {shard.name} failed: {exc}"
                                            ) from exc
+
+    async def publish_history(self, channel: str, data: bytes, sender: str | None,
+                              rule: HistoryRule) -> Published:
+        reply = await self._fcall("wsb_spublish", channel, data, rule.size, rule.ttl,
+                                  *((sender.encode(),) if sender is not None else ()))
+        return Published(int(reply[0]), reply[1].decode())
+
+    async def read_since(self, channel: str, after: int, count: int,
+                         rule: HistoryRule) -> Stream:
+        return parse_stream(await self._fcall("wsb_since", channel, after, count, rule.ttl))
+
+    async def read_newest(self, channel: str, count: int, rule: HistoryRule) -> Stream:
+        stream = parse_stream(await self._fcall("wsb_newest", channel, count, rule.ttl))
+        stream.entries.reverse()
+        return stream
+
+    async def _fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
+        """One FCALL on the owner of ``channel``'s slot, following MOVED like publish."""
+        self._require_map()
+        key = self._prefix + channel.encode()
+        for redirects in itertools.count():
+            shard = self._shard_for(key)
+            if shard.down:
+                raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable")
+            try:
+                return await call_function(shard.pub, function, key, *args)
+            except MovedError as exc:
+                if redirects >= MAX_REDIRECTS:
+                    raise BackplaneUnavailable(f"Redis history call redirected too often: "
+                                               f"{exc}") from exc
+                self._learn_moved(exc, shard)
+            except (RedisError, OSError) as exc:
+                shard.sub.poke()
+                raise BackplaneUnavailable(f"Redis history call on {shard.name} failed: "
+                                           f"{exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _load_library(self, shard: _Shard) -> None:
+        """Load the Function library on one master, for backends that FCALL it."""
+        try:
+            if await load_library(shard.pub):
+                log.info("loaded the Redis Function library 'wsbroker' on shard %s", shard.name)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot load the Redis Function library 'wsbroker' on shard %s (%s); "
+                        "history needs Redis 7 or newer", shard.name, exc)
 
     # -- topology ----------------------------------------------------------
 
@@ -478,6 +538,9 @@ class ClusterBackplane(Backplane):
         self._recompute_up()
 
     async def _retire(self, shard: _Shard) -> None:
+        if shard.library is not None:
+            shard.library.cancel()
+            await asyncio.gather(shard.library, return_exceptions=True)
         await shard.sub.stop()
         shard.up = False
         await shard.pub.aclose()
@@ -543,6 +606,18 @@ class ClusterBackplane(Backplane):
         shard.down = False
         self._recompute_up()
         shard.attempted.set()
+        shard.library = asyncio.create_task(self._load_library(shard),
+                                            name=f"wsb-cluster-library-{shard.name}")
+        if again:
+            self._resync([key for key, owner in self._owner.items() if owner is shard])
+
+    def _resync(self, keys: list[bytes]) -> None:
+        channels = [self._names[key] for key in keys if key in self._names]
+        if channels:
+            try:
+                self._on_resync(channels)
+            except Exception:
+                log.exception("the backplane resync handler failed")
 
     def _held_by(self, shard: _Shard) -> list[bytes]:
         """The channels to SSUBSCRIBE on a fresh link to ``shard``."""

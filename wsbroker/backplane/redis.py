@@ -10,7 +10,11 @@ with backoff from 100 ms doubling to a 5 s cap, with equal jitter.
 
 While the engine knows Redis is down, ``subscribe`` and ``publish`` fail at once
 with :class:`BackplaneUnavailable` without touching the network. After a
-reconnect every channel is re-subscribed, 1,000 per SUBSCRIBE, pipelined.
+reconnect every channel is re-subscribed, 1,000 per SUBSCRIBE, pipelined, and
+the hub is told to read what those channels missed (``on_resync``).
+
+History goes through the Function library ``wsbroker`` (wsbroker/history.py),
+loaded or upgraded on every connect, and again on demand if Redis lost it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ from wsbroker.backplane.link import (
     supervise,
 )
 from wsbroker.config import Settings
+from wsbroker.history import (
+    HistoryRule,
+    Published,
+    Stream,
+    call_function,
+    load_library,
+    parse_stream,
+)
 
 __all__ = [  # the constants and helpers moved to link.py stay importable from here
     "BACKOFF_BASE",
@@ -103,6 +115,7 @@ class RedisBackplane(Backplane):
         self._up = False
         self._task: asyncio.Task[None] | None = None
         self._first_attempt: asyncio.Event | None = None
+        self._loading: asyncio.Task[None] | None = None
 
     # -- the Backplane interface -------------------------------------------
 
@@ -136,6 +149,10 @@ class RedisBackplane(Backplane):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._loading is not None:
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
         await self._sub.stop()  # the supervisor normally closed it already
         self._up = False
         self._names.clear()
@@ -199,6 +216,41 @@ class RedisBackplane(Backplane):
             self._sub.poke()  # check the subscriber connection now, not in 5 s
             raise BackplaneUnavailable(f"Redis publish failed: {exc}") from exc
 
+    async def publish_history(self, channel: str, data: bytes, sender: str | None,
+                              rule: HistoryRule) -> Published:
+        reply = await self._fcall("wsb_publish", channel, data, rule.size, rule.ttl,
+                                  *((sender.encode(),) if sender is not None else ()))
+        return Published(int(reply[0]), reply[1].decode())
+
+    async def read_since(self, channel: str, after: int, count: int,
+                         rule: HistoryRule) -> Stream:
+        return parse_stream(await self._fcall("wsb_since", channel, after, count, rule.ttl))
+
+    async def read_newest(self, channel: str, count: int, rule: HistoryRule) -> Stream:
+        stream = parse_stream(await self._fcall("wsb_newest", channel, count, rule.ttl))
+        stream.entries.reverse()
+        return stream
+
+    async def _fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
+        if not self._up:
+            raise BackplaneUnavailable("Redis is unavailable")
+        try:
+            return await call_function(self._pub, function, self._prefix + channel.encode(),
+                                       *args)
+        except (RedisError, OSError) as exc:
+            self._sub.poke()  # check the subscriber connection now, not in 5 s
+            raise BackplaneUnavailable(f"Redis history call failed: {exc}") from exc
+
+    async def _load_library(self) -> None:
+        """Load the Function library for backends that FCALL it (SPEC §7)."""
+        try:
+            if await load_library(self._pub):
+                log.info("loaded the Redis Function library 'wsbroker' on %s",
+                         redact_url(self._url))
+        except (RedisError, OSError) as exc:
+            log.warning("cannot load the Redis Function library 'wsbroker' on %s (%s); "
+                        "history needs Redis 7 or newer", redact_url(self._url), exc)
+
     # -- state (the link's and the supervisor's hooks) -----------------------
 
     def _connected(self, failures: int, again: bool) -> None:
@@ -208,6 +260,13 @@ class RedisBackplane(Backplane):
                 redact_url(self._url), failures, len(self._names))
         self._set_up(True)
         self._signal_first_attempt()
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.create_task(self._load_library(), name="wsb-redis-library")
+        if again:
+            try:
+                self._on_resync(list(self._names.values()))
+            except Exception:
+                log.exception("the backplane resync handler failed")
 
     def _lost(self, reason: str, notify: bool) -> None:
         if self._up:
