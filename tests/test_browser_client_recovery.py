@@ -8,17 +8,22 @@ history nodes show the whole path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.browser_client_harness import Tab, needs_chromium
 from tests.conftest import http_url
-from tests.helpers import free_port, make_token
+from tests.helpers import SECRET, ServerProcess, eventually, free_port, make_token
+from tests.redis_server import RedisServer
 from wsbroker.server import Node
 
 pytestmark = needs_chromium
@@ -104,3 +109,97 @@ async def test_without_recover_a_reconnect_subscribes_afresh(
     await tab.js(f"track('{CHANNEL}')")
     await tab.until("events.filter(e => e.kind === 'subscribed').length === 2")
     assert "since" not in script.subscribes[1]
+
+
+# -- real history nodes ------------------------------------------------------------------
+
+
+class Publisher:
+    """A backend publishing to a history channel at a steady rate, straight to Redis
+    with the documented ``FCALL wsb_publish`` (so it never pauses while nodes restart)."""
+
+    def __init__(self, redis_url: str, channel: str, rate: float = 20.0) -> None:
+        self.redis_url = redis_url
+        self.key = f"ws:{channel}"
+        self.interval = 1 / rate
+        self.offsets: list[int] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Publisher:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 10)
+
+    async def _run(self) -> None:
+        backend = aioredis.Redis.from_url(self.redis_url, socket_timeout=5)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        try:
+            while not self._stop.is_set():
+                n = len(self.offsets) + 1
+                reply = await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 1, self.key, orjson.dumps({"n": n}), 1000, 0)
+                self.offsets.append(int(reply[0]))
+                due += self.interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), max(0.0, due - loop.time()))
+        finally:
+            await backend.aclose()
+
+
+async def wait_for_offset(tab: Tab, offset: int, timeout_ms: int = 10_000) -> None:
+    await tab.until(f"events.some(e => e.kind === 'message' && e.offset === {offset})",
+                    timeout_ms)
+
+
+def outages(states: list[dict[str, Any]]) -> list[float]:
+    """Seconds between each lost connection and the next welcome."""
+    lost: list[float] = []
+    since: float | None = None
+    for event in states:
+        if event["state"] == "connecting" and event["previous"] == "connected":
+            since = event["at"]
+        elif event["state"] == "connected" and since is not None:
+            lost.append((event["at"] - since) / 1000)
+            since = None
+    assert since is None, "still disconnected at the end"
+    return lost
+
+
+async def test_recovers_every_offset_across_a_node_kill_and_restart(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess], open_tab: OpenTab
+) -> None:
+    """SIGKILL the node while a backend keeps publishing: back on the restarted node,
+    the page resubscribes with `since` and sees every offset once, in order."""
+    args = ("--redis-url", redis_server.url, "--history", "chat.>=1000", "--jwt-secret", SECRET)
+    node = server_process(*args)
+    tab: Tab = await open_tab()
+    await tab.start(f"{node.http}/wsbroker.js", node.url, token=make_token(),
+                    minReconnectDelay=100, maxReconnectDelay=1000)
+    await tab.js(f"track('{CHANNEL}', {{ recover: true }})")
+    await tab.until("events.some(e => e.kind === 'subscribed')")
+    async with Publisher(redis_server.url, CHANNEL) as publisher:
+        await eventually(lambda: len(publisher.offsets) >= 10)
+        node.signal(signal.SIGKILL)
+        await asyncio.to_thread(node.wait, 5)
+        await eventually(lambda: len(publisher.offsets) >= 30)  # published while down
+        server_process(*args, port=node.port)
+        await tab.until("events.filter(e => e.kind === 'subscribed').length === 2")
+        await eventually(lambda: len(publisher.offsets) >= 50)
+    await wait_for_offset(tab, publisher.offsets[-1])
+    assert publisher.offsets == list(range(1, len(publisher.offsets) + 1))
+    offsets = [m["offset"] for m in await tab.events("message")]
+    assert offsets == publisher.offsets
+    first, again = await tab.events("subscribed")
+    assert (first["recovered"], first["offset"]) == (False, 0)
+    assert again["recovered"] is True and again["epoch"] == first["epoch"]
+    assert tab.sockets[-1].ops("subscribe")[0]["since"]["epoch"] == first["epoch"]
+    assert len(outages(await tab.events("state"))) == 1
