@@ -19,6 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from tests.browser_client_harness import Tab, needs_chromium
 from tests.conftest import NodeFactory, http_url, ws_url
 from tests.helpers import SECRET, eventually, free_port, http_get, make_token
+from wsbroker.history import HistoryRules
 from wsbroker.server import Node
 
 pytestmark = needs_chromium
@@ -93,6 +94,8 @@ async def test_requests_reject_with_the_error_code(node: Node, open_tab: OpenTab
     assert invalid["code"] == "invalid_channel"
     history = await tab.js(f"({catch})(client.history('mine.x', {{ limit: 5 }}))")
     assert history["code"] == "not_enabled"  # no --history on this node
+    unencodable = await tab.js(f"({catch})(client.publish('mine.x', {{ n: 1n }}))")
+    assert unencodable["code"] == "bad_request"
     presence = await tab.js(f"({catch})(client.presence('mine.x'))")
     assert presence["code"] in ("not_enabled", "bad_request")  # bad_request: no presence yet
     # A request in flight when the connection ends rejects with "disconnected".
@@ -105,6 +108,30 @@ async def test_requests_reject_with_the_error_code(node: Node, open_tab: OpenTab
     later = await tab.js(f"({catch})(client.publish('mine.x', 1))")
     assert later["code"] == "disconnected"
     assert await tab.states() == ["connecting", "connected", "disconnected"]
+
+
+async def test_history_channel_results(start_node: NodeFactory, open_tab: OpenTab) -> None:
+    """On a history channel: publish resolves with `offset`, `subscribed` carries the
+    position, messages carry offsets, and history() resolves to the ok's fields."""
+    node = await start_node(history=HistoryRules.parse(["chat.>=100"]))
+    tab: Tab = await open_tab()
+    await tab.start(module_of(node), ws_url(node), token=make_token("alice", publish=[">"]))
+    first = await tab.js("client.publish('chat.a', 'one')")  # queued until connected
+    assert first == {"channel": "chat.a", "offset": 1}
+    await tab.js("track('chat.a', { recover: true })")
+    await tab.until("events.some(e => e.kind === 'subscribed')")
+    (subscribed,) = await tab.events("subscribed")
+    assert (subscribed["offset"], subscribed["recovered"]) == (1, False)
+    assert await tab.js("client.publish('chat.a', 'two')") == {"channel": "chat.a", "offset": 2}
+    await tab.until("events.some(e => e.kind === 'message')")
+    (message,) = await tab.events("message")
+    assert (message["data"], message["offset"]) == ("two", 2)
+    history = await tab.js("client.history('chat.a', { limit: 5 })")
+    assert history["channel"] == "chat.a" and history["offset"] == 2
+    assert history["epoch"] == subscribed["epoch"]
+    assert [(m["data"], m["offset"]) for m in history["messages"]] == [("one", 1), ("two", 2)]
+    assert await tab.js("[client.subscribe('chat.a').offset, client.subscribe('chat.a').epoch]"
+                        ) == [2, subscribed["epoch"]]
 
 
 async def test_unsubscribe_and_a_refused_subscription(node: Node, open_tab: OpenTab) -> None:

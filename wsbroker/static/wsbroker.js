@@ -547,7 +547,13 @@ export class WsBroker extends Emitter {
 
   _request(op, settle) {
     const id = this._nextId++;
+    let frame;
+    try {
+      frame = JSON.stringify({ ...op, id });
+    } catch (error) { // a BigInt or a cycle in `data`: the server would say the same
+      return settle({ type: "error", code: "bad_request", message: String(error) });
+    }
     this._pending.set(id, settle);
-    this._ws.send(JSON.stringify({ ...op, id }));
+    this._ws.send(frame);
   }
 }
