@@ -155,6 +155,42 @@ async def test_unsubscribe_and_a_refused_subscription(node: Node, open_tab: Open
     await tab.until("events.filter(e => e.kind === 'subscribed').length === 2")
 
 
+async def test_a_refresh_that_narrows_the_token_ends_that_subscription(
+    start_node: NodeFactory, open_tab: OpenTab
+) -> None:
+    node = await start_node(jwt_leeway=0)
+    tab: Tab = await open_tab()
+    tab.tokens.mint = lambda: make_token("alice", channels=["keep", "drop"], ttl=2)
+    await tab.start(module_of(node), ws_url(node), get_token=True)
+    await tab.js("track('keep'); track('drop')")
+    await tab.until("events.filter(e => e.kind === 'subscribed').length === 2")
+    tab.tokens.mint = lambda: make_token("alice", channels=["keep"], ttl=60)
+    await tab.until("events.some(e => e.kind === 'unsubscribed')")  # at the refresh
+    (event,) = await tab.events("unsubscribed")
+    assert (event["channel"], event["reason"]) == ("drop", "forbidden")
+    assert await tab.js("[client.subscribe('keep').state, client.state]") == [
+        "subscribed", "connected"]
+    assert len(tab.sockets) == 1
+
+
+async def test_a_throwing_handler_does_not_break_the_client(
+    node: Node, open_tab: OpenTab
+) -> None:
+    tab: Tab = await open_tab()
+    await tab.start(module_of(node), ws_url(node), token=make_token("alice", publish=[">"]))
+    await tab.js("""() => {
+        const sub = client.subscribe('x');
+        sub.on('message', () => { throw new Error('app bug'); });
+        track('x');
+    }""")
+    await tab.until("events.some(e => e.kind === 'subscribed')")
+    await tab.js("client.publish('x', 1)")
+    await tab.js("client.publish('x', 2)")
+    await tab.until("events.filter(e => e.kind === 'message').length === 2")
+    assert tab.errors == ["app bug", "app bug"]
+    assert await tab.js("client.state") == "connected"
+
+
 async def _equals(value: Any, expected: float) -> bool:
     return bool(await value == expected)
 
