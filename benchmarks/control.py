@@ -117,8 +117,11 @@ async def run_publisher(
     duration: float,
     step: int,
     size: int,
+    history_size: int = 0,
 ) -> dict[str, Any]:
-    """Publish one rate step through Redis and return the publisher's summary."""
+    """Publish one rate step through Redis and return the publisher's summary.
+
+    ``history_size`` > 0 publishes with ``FCALL wsb_publish`` (a history channel)."""
     cmd = processes.pinned(
         [
             processes.PYTHON,
@@ -138,6 +141,7 @@ async def run_publisher(
             str(step),
             "--size",
             str(size),
+            *(["--history-size", str(history_size)] if history_size else []),
         ],
         LOAD_CPU,
     )

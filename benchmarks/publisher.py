@@ -7,6 +7,8 @@ Python, not a pipeline object. Messages go round-robin over ``NAME.0`` …
 ``NAME.<channels-1>``; the sequence number ``s`` counts per channel from 1, so
 message ``i`` is number ``i // channels + 1`` on channel ``i % channels``.
 Prints one JSON line: how many were sent and acknowledged, and the achieved rate.
+With ``--history-size N`` each message is ``FCALL wsb_publish`` instead, as a
+backend records history (SPEC §7): one round trip, appended and published by Redis.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def resp_publish(channel: bytes, payload: bytes) -> bytes:
     )
 
 
+def resp_fcall(channel: bytes, payload: bytes, size: bytes) -> bytes:
+    """The RESP encoding of ``FCALL wsb_publish 2 {channel}:s {channel}:m payload size 0``."""
+    args = [b"FCALL", b"wsb_publish", b"2", b"{" + channel + b"}:s", b"{" + channel + b"}:m",
+            payload, size, b"0"]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
 def message(step: int, seq: int, size: int) -> bytes:
     """A compact JSON object of ``size`` bytes stamped with the publish time."""
     body = b'{"r":%d,"s":%d,"t":%d,"p":"' % (step, seq, time_ns())
@@ -43,14 +52,19 @@ async def publish(args: argparse.Namespace) -> dict[str, float | int]:
     reader, writer = await asyncio.open_connection(args.host, args.port)
     total = round(args.rate * args.duration)
     acked = 0
+    lines_per_reply = 4 if args.history_size else 1  # *2, :offset, $len, epoch
     all_acked = asyncio.Event()
     if total == 0:
         all_acked.set()
 
     async def count_replies() -> None:
         nonlocal acked
+        lines = 0
         while chunk := await reader.read(1 << 16):
-            acked += chunk.count(b"\n")  # each PUBLISH reply is ":<n>\r\n"
+            lines += chunk.count(b"\n")  # each PUBLISH reply is ":<n>\r\n"
+            if chunk.startswith(b"-") or b"\r\n-" in chunk:
+                raise RuntimeError(f"Redis refused: {chunk[:200]!r}")
+            acked = lines // lines_per_reply
             if acked >= total:
                 all_acked.set()
         all_acked.set()  # Redis went away: nothing more will be acknowledged
@@ -58,6 +72,12 @@ async def publish(args: argparse.Namespace) -> dict[str, float | int]:
     counter = asyncio.create_task(count_replies())
     names = [f"{args.prefix}{args.channel_name}.{c}".encode() for c in range(args.channels)]
     channels, rate, size, step = args.channels, args.rate, args.size, args.step
+    keep = str(args.history_size).encode()
+
+    def encode(channel: bytes, payload: bytes) -> bytes:
+        if args.history_size:
+            return resp_fcall(channel, payload, keep)
+        return resp_publish(channel, payload)
     sent = 0
     cpu0 = os.times()
     t0 = time.perf_counter()
@@ -66,7 +86,7 @@ async def publish(args: argparse.Namespace) -> dict[str, float | int]:
         if due > sent:
             writer.write(
                 b"".join(
-                    resp_publish(names[i % channels], message(step, i // channels + 1, size))
+                    encode(names[i % channels], message(step, i // channels + 1, size))
                     for i in range(sent, due)
                 )
             )
@@ -98,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--step", type=int, required=True, help="step id stamped into each message")
     p.add_argument("--size", type=int, default=100, help="payload bytes")
+    p.add_argument("--history-size", type=int, default=0,
+                   help="publish with FCALL wsb_publish, keeping this many messages")
     result = asyncio.run(publish(p.parse_args(argv)))
     sys.stdout.buffer.write(orjson.dumps(result) + b"\n")
 

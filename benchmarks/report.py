@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 RATIO = "wsbroker ÷ floor"
+HISTORY_RATIO = "history ÷ wsbroker"
 
 
 def write_json(results: dict[str, Any], directory: Path, started: dt.datetime) -> Path:
@@ -155,6 +156,10 @@ def _steps_table(runs: list[dict[str, Any]]) -> str:
             w, f = steps["wsbroker"], steps["floor"]
             cells = [ratio(get(w), get(f)) for _, get in STEP_FIGURES]
             rows.append(["", RATIO, cells[0], "", "", *cells[1:], "", "", ""])
+        if {"wsbroker", "history"} <= steps.keys():  # the price of offsets and recovery
+            h, w = steps["history"], steps["wsbroker"]
+            cells = [ratio(get(h), get(w)) for _, get in STEP_FIGURES]
+            rows.append(["", HISTORY_RATIO, cells[0], "", "", *cells[1:], "", "", ""])
     return _table(header, rows)
 
 

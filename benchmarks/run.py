@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Benchmark wsbroker against a plain-websockets floor server.",
     )
-    p.add_argument("--servers", default="wsbroker,floor", help="comma list of wsbroker,floor")
+    p.add_argument("--servers", default="wsbroker,floor",
+                   help="comma list of wsbroker,floor,history (history: wsbroker with every "
+                        "channel a history channel, published with FCALL)")
     p.add_argument("--subscribers", type=csv_ints, default=[1000], help="comma list")
     p.add_argument(
         "--channels",
@@ -151,7 +153,8 @@ async def run_step(
     begin_ns = time.time_ns()
     publisher = asyncio.create_task(
         control.run_publisher(
-            ctx.redis_port, channels, channel_name, rate, duration, step_id, args.size
+            ctx.redis_port, channels, channel_name, rate, duration, step_id, args.size,
+            servers.HISTORY_SIZE if target.name == "history" else 0,
         )
     )
     target_total = round(rate * duration) * sum(per_channel) // channels

@@ -20,7 +20,9 @@ import jwt
 from benchmarks import processes
 
 SERVER_CPU = 0
-KNOWN = ("wsbroker", "floor")
+KNOWN = ("wsbroker", "floor", "history")
+HISTORY_SIZE = 1000
+"""``--history`` SIZE of the ``history`` server: every channel keeps this many messages."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def _wsbroker_cmd(port: int, redis_port: int, secret: str) -> list[str]:
     ]
 
 
+def _history_cmd(port: int, redis_port: int, secret: str) -> list[str]:
+    """wsbroker with every channel a history channel: the publisher FCALLs wsb_publish."""
+    return [*_wsbroker_cmd(port, redis_port, secret), "--history", f">={HISTORY_SIZE}"]
+
+
 def _floor_cmd(port: int, redis_port: int, secret: str) -> list[str]:
     return [
         processes.PYTHON,
@@ -78,6 +85,7 @@ def _floor_cmd(port: int, redis_port: int, secret: str) -> list[str]:
 COMMANDS: dict[str, Callable[[int, int, str], list[str]]] = {
     "wsbroker": _wsbroker_cmd,
     "floor": _floor_cmd,
+    "history": _history_cmd,
 }
 
 

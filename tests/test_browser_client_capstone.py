@@ -29,7 +29,8 @@ from tests.test_proxies import Proxy, haproxy_binary, haproxy_servers, start_hap
 pytestmark = needs_chromium
 
 CHANNEL = "chat.room1"
-NODE_ARGS = ("--history", "chat.>=10000", "--jwt-secret", SECRET, "--drain-seconds", "1",
+HISTORY = "chat.>=10000"
+NODE_ARGS = ("--history", HISTORY, "--jwt-secret", SECRET, "--drain-seconds", "1",
              "--trusted-proxies", "127.0.0.1")
 
 
@@ -65,7 +66,7 @@ async def rolling_restart(
         server = {"node-a": "node1", "node-b": "node2"}[name]
         await eventually(lambda: haproxy_servers(admin)[server]["status"] == "UP", timeout=15)
 
-    async with Publisher(redis_server.url, CHANNEL) as publisher:
+    async with Publisher(redis_server.url, CHANNEL, HISTORY) as publisher:
 
         async def published(more: int) -> None:
             """Let the backend publish ``more`` messages (at 20/s) before going on."""

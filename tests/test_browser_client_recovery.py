@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection, serve
 
+import wsbroker
 from tests.browser_client_harness import Tab, needs_chromium
 from tests.conftest import http_url
 from tests.helpers import SECRET, ServerProcess, eventually, free_port, make_token
@@ -30,6 +30,7 @@ pytestmark = needs_chromium
 
 OpenTab = Callable[..., Any]
 CHANNEL = "chat.room1"
+HISTORY = "chat.>=1000"
 
 
 class HistoryScript:
@@ -116,11 +117,13 @@ async def test_without_recover_a_reconnect_subscribes_afresh(
 
 class Publisher:
     """A backend publishing to a history channel at a steady rate, straight to Redis
-    with the documented ``FCALL wsb_publish`` (so it never pauses while nodes restart)."""
+    (``wsbroker.publish``, one FCALL of the nodes' Function library), so it never
+    pauses while nodes restart."""
 
-    def __init__(self, redis_url: str, channel: str, rate: float = 20.0) -> None:
+    def __init__(self, redis_url: str, channel: str, history: str, rate: float = 20.0) -> None:
         self.redis_url = redis_url
-        self.key = f"ws:{channel}"
+        self.channel = channel
+        self.history = [history]
         self.interval = 1 / rate
         self.offsets: list[int] = []
         self._stop = asyncio.Event()
@@ -131,28 +134,22 @@ class Publisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             await asyncio.wait_for(self._task, 10)
 
     async def _run(self) -> None:
-        backend = aioredis.Redis.from_url(self.redis_url, socket_timeout=5)
         loop = asyncio.get_running_loop()
         due = loop.time()
-        try:
-            while not self._stop.is_set():
-                n = len(self.offsets) + 1
-                reply = await backend.fcall(  # type: ignore[misc]
-                    "wsb_publish", 1, self.key, orjson.dumps({"n": n}), 1000, 0)
-                self.offsets.append(int(reply[0]))
-                due += self.interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), max(0.0, due - loop.time()))
-        finally:
-            await backend.aclose()
+        while not self._stop.is_set():
+            published = await wsbroker.publish(self.redis_url, self.channel,
+                                               {"n": len(self.offsets) + 1},
+                                               history=self.history)
+            assert published.offset is not None
+            self.offsets.append(published.offset)
+            due += self.interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.0, due - loop.time()))
 
 
 async def wait_for_offset(tab: Tab, offset: int, timeout_ms: int = 10_000) -> None:
@@ -179,14 +176,14 @@ async def test_recovers_every_offset_across_a_node_kill_and_restart(
 ) -> None:
     """SIGKILL the node while a backend keeps publishing: back on the restarted node,
     the page resubscribes with `since` and sees every offset once, in order."""
-    args = ("--redis-url", redis_server.url, "--history", "chat.>=1000", "--jwt-secret", SECRET)
+    args = ("--redis-url", redis_server.url, "--history", HISTORY, "--jwt-secret", SECRET)
     node = server_process(*args)
     tab: Tab = await open_tab()
     await tab.start(f"{node.http}/wsbroker.js", node.url, token=make_token(),
                     minReconnectDelay=100, maxReconnectDelay=1000)
     await tab.js(f"track('{CHANNEL}', {{ recover: true }})")
     await tab.until("events.some(e => e.kind === 'subscribed')")
-    async with Publisher(redis_server.url, CHANNEL) as publisher:
+    async with Publisher(redis_server.url, CHANNEL, HISTORY) as publisher:
         await eventually(lambda: len(publisher.offsets) >= 10)
         node.signal(signal.SIGKILL)
         await asyncio.to_thread(node.wait, 5)

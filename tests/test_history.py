@@ -211,15 +211,37 @@ async def test_backend_fcall_records_history(hnode: Node, engine: dict[str, Any]
     async with clients(hnode, make_token("sub")) as (sub,):
         await sub.subscribe("chat.backend")
         try:
-            reply = await backend.fcall("wsb_publish", 1, "h:chat.backend",  # type: ignore[misc]
-                                        '{"text":"hi"}', 100, 0)
+            reply = await backend.fcall(  # type: ignore[misc]
+                "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.backend}:m",
+                '{"text":"hi"}', 100, 0)
             assert reply[0] == 1
             with pytest.raises(aioredis.ResponseError, match="JSON"):
-                await backend.fcall("wsb_publish", 1, "h:chat.backend",  # type: ignore[misc]
-                                    "not json", 100, 0)
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.backend}:m",
+                    "not json", 100, 0)
+            with pytest.raises(aioredis.ResponseError, match="keys must be"):
+                await backend.fcall(  # type: ignore[misc]
+                    "wsb_publish", 2, "{h:chat.backend}:s", "{h:chat.other}:m", "1", 100, 0)
         finally:
             await backend.aclose()
         assert await sub.next_message() == {"type": "message", "channel": "chat.backend",
                                             "data": {"text": "hi"}, "offset": 1}
         page = await sub.request("history", channel="chat.backend")
         assert [m["offset"] for m in page["messages"]] == [1]
+
+
+@pytest.mark.parametrize("forged", ["bogus", None])
+async def test_a_made_up_envelope_is_dropped_and_changes_nothing(
+        hnode: Node, forged: str | None) -> None:
+    """A raw publish of an envelope with an offset no stream explains (same or other epoch)."""
+    async with clients(hnode, PUBLISHER) as (pub,):
+        ok = await pub.subscribe("chat.f")
+        await publish(pub, "chat.f", 1)
+        epoch = forged or ok["epoch"]
+        await hnode.backplane.publish(
+            "chat.f", b'wsb1{"data":"fake","offset":99,"epoch":"%s"}' % epoch.encode())
+        await publish(pub, "chat.f", 2)
+        assert [m["data"] for m in await messages(pub, 2)] == [1, 2]
+        text = hnode.metrics.render().decode()
+        assert 'wsbroker_messages_dropped_total{reason="out_of_sequence"} 1.0' in text
+        assert (await pub.request("history", channel="chat.f"))["offset"] == 2

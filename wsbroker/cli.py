@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import jwt
@@ -31,7 +31,9 @@ from wsbroker.config import (
     load_settings,
     parse_bool,
     parse_duration,
+    parse_list,
 )
+from wsbroker.history import HistoryRules, Published
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -110,7 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--redis-prefix", default=None, help="[WSB_REDIS_PREFIX, default ws:]")
     publish.add_argument("--redis-cluster", action="store_true", default=None,
                          help="the URL names a Redis Cluster node: SPUBLISH [WSB_REDIS_CLUSTER]")
-    publish.add_argument("--history", action="append", default=None, help=argparse.SUPPRESS)
+    publish.add_argument("--history", action="append", default=None, metavar="PATTERN=SIZE[:TTL]",
+                         help="the nodes' history rules: a matching channel records the "
+                              "message and its offset is printed [WSB_HISTORY]")
     publish.add_argument("--url", default=None,
                          help="node WebSocket URL when there is no Redis "
                               "[WSB_URL, default ws://127.0.0.1:8765/ws]")
@@ -373,14 +377,27 @@ def _run_publish(args: argparse.Namespace) -> int:
                               "or unix:// URL")
         prefix = args.redis_prefix or _env("redis-prefix") or "ws:"
         cluster = args.redis_cluster or parse_bool(_env("redis-cluster") or "false")
-        coroutine = client.publish_redis(redis_url, prefix, args.channel, data, cluster=cluster)
+        try:
+            rules = HistoryRules.parse(parse_list(args.history or [_env("history") or ""]))
+        except ValueError as exc:
+            raise ConfigError(f"--history: {exc}") from None
+        coroutine = _print_offset(client.publish_redis(
+            redis_url, prefix, args.channel, data, cluster=cluster,
+            rule=rules.rule_for(args.channel)))
     else:
         url = args.url or _env("url") or "ws://127.0.0.1:8765/ws"
         token = args.token or _env("token")
         if not token:
             raise ConfigError("publish: set --redis-url, or --token (WSB_TOKEN) for --url")
-        coroutine = client.publish_websocket(url, token, args.channel, data)
+        coroutine = _print_offset(client.publish_websocket(url, token, args.channel, data))
     return _run_client(coroutine)
+
+
+async def _print_offset(publishing: Awaitable[Published]) -> None:
+    """Print the offset a history channel gave the message (nothing for other channels)."""
+    published = await publishing
+    if published.offset is not None:
+        print(published.offset)
 
 
 def _run_listen(args: argparse.Namespace) -> int:

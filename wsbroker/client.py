@@ -1,13 +1,15 @@
 """Small clients behind ``wsbroker publish`` and ``wsbroker listen``.
 
 They are also the library API for Python backends: :func:`publish` writes one
-message to the Redis backplane exactly as any other backend would.
+message to the Redis backplane exactly as any other backend would; on a channel
+matching a history rule it records it with one ``FCALL`` of the ``wsbroker``
+Function library, as the nodes do.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -17,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wsbroker.backplane.link import redact_url
+from wsbroker.history import HistoryRule, HistoryRules, Published, call_function
 
 
 class ClientError(Exception):
@@ -24,36 +27,53 @@ class ClientError(Exception):
 
 
 async def publish(
-    redis_url: str, channel: str, data: object, prefix: str = "ws:", *, cluster: bool = False
-) -> int:
-    """Publish ``data`` (any JSON value) to ``channel`` through Redis; returns how many
-    node connections received it. ``cluster=True`` uses SPUBLISH on a Redis Cluster."""
-    return await publish_redis(redis_url, prefix, channel, orjson.dumps(data), cluster=cluster)
+    redis_url: str, channel: str, data: object, prefix: str = "ws:", *, cluster: bool = False,
+    history: Iterable[str] | HistoryRules = (),
+) -> Published:
+    """Publish ``data`` (any JSON value) to ``channel`` through Redis.
+
+    ``cluster=True`` uses SPUBLISH on a Redis Cluster. ``history`` takes the
+    nodes' ``--history`` rules (``PATTERN=SIZE[:TTL]``): on a matching channel
+    the message is recorded and the result carries its ``offset`` and ``epoch``.
+    """
+    rules = history if isinstance(history, HistoryRules) else HistoryRules.parse(history)
+    return await publish_redis(redis_url, prefix, channel, orjson.dumps(data), cluster=cluster,
+                               rule=rules.rule_for(channel))
 
 
 async def publish_redis(
-    redis_url: str, prefix: str, channel: str, data: bytes, *, cluster: bool = False
-) -> int:
+    redis_url: str, prefix: str, channel: str, data: bytes, *, cluster: bool = False,
+    rule: HistoryRule | None = None,
+) -> Published:
     options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
     client = (redis.RedisCluster if cluster else redis.Redis).from_url(redis_url, **options)
+    key = (prefix + channel).encode()
     try:
+        if rule is not None:
+            function = "wsb_spublish" if cluster else "wsb_publish"
+            reply = await call_function(client, function, key,  # type: ignore[arg-type]
+                                        data, rule.size, rule.ttl)
+            return Published(int(reply[0]), reply[1].decode())
         if isinstance(client, redis.RedisCluster):
-            receivers: int = await client.spublish(prefix + channel, data)
+            await client.spublish(key, data)
         else:
-            receivers = await client.publish(prefix + channel, data)
+            await client.publish(key, data)
     except RedisError as exc:
-        raise ClientError(f"cannot reach Redis at {redact_url(redis_url)}: {exc}") from None
+        raise ClientError(f"cannot reach Redis at {redact_url(redis_url)}: {exc}"
+                          ) from None
     finally:
         await client.aclose()
-    return receivers
+    return Published()
 
 
-async def publish_websocket(url: str, token: str, channel: str, data: bytes) -> None:
+async def publish_websocket(url: str, token: str, channel: str, data: bytes) -> Published:
     """Publish through a node as a client (needs a token with a ``publish`` claim)."""
     async with _connect(url, token) as connection:
         frame = b'{"op":"publish","id":1,"channel":' + orjson.dumps(channel)
         await connection.send(frame + b',"data":' + data + b"}", text=True)
-        await _expect_ok(connection, 1)
+        reply = await _expect_ok(connection, 1)
+    offset = reply.get("offset")
+    return Published(offset if isinstance(offset, int) else None)
 
 
 async def listen(url: str, token: str, channels: Sequence[str], count: int | None) -> None:
@@ -113,7 +133,7 @@ class _connect:
             await self._connection.close()
 
 
-async def _expect_ok(connection: ClientConnection, op_id: int) -> None:
+async def _expect_ok(connection: ClientConnection, op_id: int) -> dict[str, Any]:
     while True:
         try:
             reply = orjson.loads(await connection.recv())
@@ -123,7 +143,7 @@ async def _expect_ok(connection: ClientConnection, op_id: int) -> None:
             continue
         if reply.get("type") == "error":
             raise ClientError(f"{reply.get('code')}: {reply.get('message')}")
-        return
+        return reply  # type: ignore[no-any-return]
 
 
 def _closed(exc: ConnectionClosed) -> str:

@@ -29,13 +29,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from typing import TYPE_CHECKING, Any
 
 from wsbroker.channels import PatternSet
 from wsbroker.protocol import encode_envelope
+
+if TYPE_CHECKING:  # the Redis client is imported only where Redis is used
+    from redis.asyncio import Redis
 
 
 class HistoryNotEnabled(Exception):
@@ -159,12 +159,18 @@ LIBRARY_VERSION = 1
 """Raised with every change to :data:`LIBRARY`; a node only ever upgrades the library."""
 
 LIBRARY = """#!lua name=wsbroker
--- wsbroker history (SPEC §7). KEYS[1] is the pub/sub channel, <prefix><channel>;
--- the stream and its metadata live in keys with the same hash slot.
+-- wsbroker history (SPEC §7). For the pub/sub channel N = <prefix><channel>, the
+-- keys are KEYS[1] = {N}:s (the stream) and KEYS[2] = {N}:m (offset and epoch):
+-- the same hash slot as N itself, so SPUBLISH N works in a Redis Cluster.
 local VERSION = __VERSION__
 
-local function keys_of(channel)
-  return '{' .. channel .. '}:s', '{' .. channel .. '}:m'
+-- The pub/sub channel and the two keys, checked: they must be {N}:s and {N}:m.
+local function keys_of(keys)
+  local channel = keys[1] and string.match(keys[1], '^{([^{}]+)}:s$')
+  if not channel or keys[2] ~= '{' .. channel .. '}:m' then
+    error('wsbroker: the keys must be {<prefix><channel>}:s and {<prefix><channel>}:m')
+  end
+  return channel, keys[1], keys[2]
 end
 
 -- The channel's offset and epoch; a new epoch (and an empty stream) when none.
@@ -194,7 +200,7 @@ end
 
 -- ARGV: data (JSON), size, ttl seconds (0: none), [from]
 local function publish(keys, args, command)
-  local channel = keys[1]
+  local channel, skey, mkey = keys_of(keys)
   local data = args[1]
   local size = number(args[2], 'size', 1)
   local ttl = number(args[3], 'ttl', 0)
@@ -202,7 +208,6 @@ local function publish(keys, args, command)
   if data == nil or not pcall(cjson.decode, data) then
     error('wsbroker: data must be a JSON document')
   end
-  local skey, mkey = keys_of(channel)
   local _, epoch = position(skey, mkey, 0)
   local offset = redis.call('HINCRBY', mkey, 'o', 1)
   local sender = ''
@@ -223,35 +228,41 @@ local function publish(keys, args, command)
   return {offset, epoch}
 end
 
-local function entries(reply)
+-- Entries as one string, "<offset> <length> <payload>" each: one bulk reply
+-- is far cheaper for the client to read than a nested array per entry.
+local function entries(reply, from, to, step)
   local out = {}
-  for i, entry in ipairs(reply) do
-    out[i] = {entry[1], entry[2][2]}
+  for i = from, to, step do
+    local entry = reply[i]
+    local payload = entry[2][2]
+    out[#out + 1] = string.match(entry[1], '^(%d+)') .. ' ' .. #payload .. ' ' .. payload
   end
-  return out
+  return table.concat(out)
 end
 
--- ARGV: after offset, count, ttl → {offset, epoch, {{id, payload}...}} oldest first
+-- ARGV: after offset, count, ttl → {offset, epoch, entries after that offset, oldest first}
 local function since(keys, args)
   local after = number(args[1], 'after', 0)
   local count = number(args[2], 'count', 0)
-  local skey, mkey = keys_of(keys[1])
+  local _, skey, mkey = keys_of(keys)
   local offset, epoch = position(skey, mkey, number(args[3], 'ttl', 0))
-  local found = {}
+  local found = ''
   if count > 0 and after < offset then
-    found = entries(redis.call('XRANGE', skey, (after + 1) .. '-0', '+', 'COUNT', count))
+    local reply = redis.call('XRANGE', skey, (after + 1) .. '-0', '+', 'COUNT', count)
+    found = entries(reply, 1, #reply, 1)
   end
   return {offset, epoch, found}
 end
 
--- ARGV: count, ttl → {offset, epoch, {{id, payload}...}} the newest count, newest first
+-- ARGV: count, ttl → {offset, epoch, the newest count entries, oldest first}
 local function newest(keys, args)
   local count = number(args[1], 'count', 0)
-  local skey, mkey = keys_of(keys[1])
+  local _, skey, mkey = keys_of(keys)
   local offset, epoch = position(skey, mkey, number(args[2], 'ttl', 0))
-  local found = {}
+  local found = ''
   if count > 0 and offset > 0 then
-    found = entries(redis.call('XREVRANGE', skey, '+', '-', 'COUNT', count))
+    local reply = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', count)
+    found = entries(reply, #reply, 1, -1)
   end
   return {offset, epoch, found}
 end
@@ -269,9 +280,21 @@ READ_PAGE = 1000
 
 
 def parse_stream(reply: Any) -> Stream:
-    """A ``wsb_since``/``wsb_newest`` reply → :class:`Stream` (entries as Redis gave them)."""
+    """A ``wsb_since``/``wsb_newest`` reply → :class:`Stream`.
+
+    Entries come as one string of ``<offset> <length> <payload>`` records.
+    """
     offset, epoch, found = reply
-    entries = [(int(bytes(ident).split(b"-", 1)[0]), bytes(payload)) for ident, payload in found]
+    blob = bytes(found)
+    entries: list[tuple[int, bytes]] = []
+    position, end = 0, len(blob)
+    while position < end:
+        space = blob.index(b" ", position)
+        second = blob.index(b" ", space + 1)
+        start = second + 1
+        stop = start + int(blob[space + 1:second])
+        entries.append((int(blob[position:space]), blob[start:stop]))
+        position = stop
     return Stream(int(offset), epoch.decode() if isinstance(epoch, bytes) else str(epoch),
                   entries)
 
@@ -288,6 +311,8 @@ async def load_library(client: Redis) -> bool:
     Returns True if it loaded it. Only ever upgrades, so an old node in a
     rolling upgrade never takes the library back.
     """
+    from redis.exceptions import ResponseError
+
     try:
         version = int(await client.fcall("wsb_version", 0))
     except ResponseError as exc:
@@ -300,15 +325,23 @@ async def load_library(client: Redis) -> bool:
     return True
 
 
-async def call_function(client: Redis, name: str, key: bytes, *args: bytes | int) -> Any:
-    """``FCALL name 1 key args…``, loading the library first if this Redis lost it."""
+def history_keys(name: bytes) -> tuple[bytes, bytes]:
+    """The stream and metadata keys of the pub/sub channel ``name`` (``<prefix><channel>``)."""
+    return b"{" + name + b"}:s", b"{" + name + b"}:m"
+
+
+async def call_function(client: Redis, function: str, name: bytes, *args: bytes | int) -> Any:
+    """``FCALL function 2 {name}:s {name}:m args…``, loading the library if Redis lost it."""
+    from redis.exceptions import ResponseError
+
+    keys = history_keys(name)
     try:
-        return await client.fcall(name, 1, key, *args)
+        return await client.fcall(function, 2, *keys, *args)
     except ResponseError as exc:
         if not library_is_missing(exc):
             raise
     await load_library(client)
-    return await client.fcall(name, 1, key, *args)
+    return await client.fcall(function, 2, *keys, *args)
 
 
 

@@ -227,9 +227,7 @@ class RedisBackplane(Backplane):
         return parse_stream(await self._fcall("wsb_since", channel, after, count, rule.ttl))
 
     async def read_newest(self, channel: str, count: int, rule: HistoryRule) -> Stream:
-        stream = parse_stream(await self._fcall("wsb_newest", channel, count, rule.ttl))
-        stream.entries.reverse()
-        return stream
+        return parse_stream(await self._fcall("wsb_newest", channel, count, rule.ttl))
 
     async def _fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
         if not self._up:
