@@ -8,6 +8,7 @@ module from the node across origins (see tests/browser_client_harness.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -226,69 +227,93 @@ class ScriptedServer:
 
 
 @pytest.fixture
-async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[ScriptedServer]:
-    server = ScriptedServer(request.param)
-    async with serve(server.handler, "127.0.0.1", server.port):
-        yield server
+async def scripted() -> AsyncIterator[Callable[[int], Any]]:
+    """Start scripted servers: ``await scripted(close_code)``."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(close_code: int) -> ScriptedServer:
+            server = ScriptedServer(close_code)
+            await stack.enter_async_context(serve(server.handler, "127.0.0.1", server.port))
+            return server
+
+        yield start
 
 
 RECONNECT = [1000, 1001, 1011, 1012, 4009]
 NEEDS_TOKEN = [4001, 4003]
 STOP = {1003: "unsupported_data", 1009: "message_too_big", 4008: "rate_limited"}
+# Each band is one test: one browser, a page per close code, all at once
+# (a browser per code would spend most of the suite's time starting Chromium).
 
 
-@pytest.mark.parametrize("scripted", RECONNECT, indirect=True)
+async def each_code(codes: list[int], check: Callable[[int], Any]) -> None:
+    await asyncio.gather(*(check(code) for code in codes))
+
+
 async def test_reconnect_band_reconnects_with_the_same_token(
-    node: Node, open_tab: OpenTab, scripted: ScriptedServer
+    node: Node, open_tab: OpenTab, scripted: Callable[[int], Any]
 ) -> None:
-    tab: Tab = await open_tab()
-    await tab.start(module_of(node), scripted.url, get_token=True, minReconnectDelay=50)
-    await tab.until_state("connected", nth=2)
-    states = await tab.events("state")
-    assert [(e["state"], e.get("code")) for e in states] == [
-        ("connecting", None), ("connected", None), ("connecting", scripted.close_code),
-        ("connected", None)]
-    assert tab.tokens.calls == 1
-    assert scripted.tokens == tab.tokens.issued * 2
-    assert await tab.events("error") == []
+    async def check(code: int) -> None:
+        server: ScriptedServer = await scripted(code)
+        tab: Tab = await open_tab()
+        await tab.start(module_of(node), server.url, get_token=True, minReconnectDelay=50)
+        await tab.until_state("connected", nth=2)
+        states = await tab.events("state")
+        assert [(e["state"], e.get("code")) for e in states] == [
+            ("connecting", None), ("connected", None), ("connecting", code),
+            ("connected", None)], code
+        assert tab.tokens.calls == 1, code
+        assert server.tokens == tab.tokens.issued * 2, code
+        assert await tab.events("error") == [], code
+
+    await each_code(RECONNECT, check)
 
 
-@pytest.mark.parametrize("scripted", NEEDS_TOKEN, indirect=True)
 async def test_token_band_gets_a_new_token_first(
-    node: Node, open_tab: OpenTab, scripted: ScriptedServer
+    node: Node, open_tab: OpenTab, scripted: Callable[[int], Any]
 ) -> None:
-    tab: Tab = await open_tab()
-    await tab.start(module_of(node), scripted.url, get_token=True, minReconnectDelay=50)
-    await tab.until_state("connected", nth=2)
-    assert tab.tokens.calls == 2
-    assert scripted.tokens == tab.tokens.issued
-    assert scripted.tokens[0] != scripted.tokens[1]
+    async def check(code: int) -> None:
+        server: ScriptedServer = await scripted(code)
+        tab: Tab = await open_tab()
+        await tab.start(module_of(node), server.url, get_token=True, minReconnectDelay=50)
+        await tab.until_state("connected", nth=2)
+        assert tab.tokens.calls == 2, code
+        assert server.tokens == tab.tokens.issued, code
+        assert server.tokens[0] != server.tokens[1], code
+
+    await each_code(NEEDS_TOKEN, check)
 
 
-@pytest.mark.parametrize("scripted", NEEDS_TOKEN, indirect=True)
 async def test_token_band_without_get_token_stops_with_an_error(
-    node: Node, open_tab: OpenTab, scripted: ScriptedServer
+    node: Node, open_tab: OpenTab, scripted: Callable[[int], Any]
 ) -> None:
-    tab: Tab = await open_tab()
-    await tab.start(module_of(node), scripted.url, token=make_token(), minReconnectDelay=50)
-    await tab.until_state("disconnected")
-    (error,) = await tab.events("error")
-    assert (error["code"], error["closeCode"]) == ("unauthorized", scripted.close_code)
-    await asyncio.sleep(0.5)  # a reconnect would have happened by now (50 ms backoff)
-    assert len(tab.sockets) == 1 and await tab.js("client.state") == "disconnected"
+    async def check(code: int) -> None:
+        server: ScriptedServer = await scripted(code)
+        tab: Tab = await open_tab()
+        await tab.start(module_of(node), server.url, token=make_token(), minReconnectDelay=50)
+        await tab.until_state("disconnected")
+        (error,) = await tab.events("error")
+        assert (error["code"], error["closeCode"]) == ("unauthorized", code)
+        await asyncio.sleep(0.5)  # a reconnect would have happened by now (50 ms backoff)
+        assert len(tab.sockets) == 1 and await tab.js("client.state") == "disconnected", code
+
+    await each_code(NEEDS_TOKEN, check)
 
 
-@pytest.mark.parametrize("scripted", list(STOP), indirect=True)
 async def test_do_not_reconnect_band_stops_with_an_error(
-    node: Node, open_tab: OpenTab, scripted: ScriptedServer
+    node: Node, open_tab: OpenTab, scripted: Callable[[int], Any]
 ) -> None:
-    tab: Tab = await open_tab()
-    await tab.start(module_of(node), scripted.url, get_token=True, minReconnectDelay=50)
-    await tab.until_state("disconnected")
-    (error,) = await tab.events("error")
-    assert (error["code"], error["closeCode"]) == (STOP[scripted.close_code], scripted.close_code)
-    await asyncio.sleep(0.5)  # a reconnect would have happened by now (50 ms backoff)
-    assert len(tab.sockets) == 1 and tab.tokens.calls == 1
+    async def check(code: int) -> None:
+        server: ScriptedServer = await scripted(code)
+        tab: Tab = await open_tab()
+        await tab.start(module_of(node), server.url, get_token=True, minReconnectDelay=50)
+        await tab.until_state("disconnected")
+        (error,) = await tab.events("error")
+        assert (error["code"], error["closeCode"]) == (STOP[code], code)
+        await asyncio.sleep(0.5)  # a reconnect would have happened by now (50 ms backoff)
+        assert len(tab.sockets) == 1 and tab.tokens.calls == 1, code
+
+    await each_code(list(STOP), check)
 
 
 # -- close codes from a real node ------------------------------------------------------------
