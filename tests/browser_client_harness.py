@@ -141,9 +141,17 @@ class Tab:
 
     async def until(self, predicate: str, timeout_ms: int = WAIT_MS) -> None:
         """Wait until the JS ``predicate`` (over ``events``, ``client``) holds."""
-        await self.page.wait_for_function(
-            f"() => {{ const events = window.events, client = window.client; "
-            f"return Boolean({predicate}); }}", timeout=timeout_ms, polling=20)
+        from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            await self.page.wait_for_function(
+                f"() => {{ const events = window.events, client = window.client; "
+                f"return Boolean({predicate}); }}", timeout=timeout_ms, polling=20)
+        except PlaywrightTimeout:
+            events = await self.page.evaluate("window.events")
+            frames = [(s.url, s.sent[:20], s.received[:20]) for s in self.sockets]
+            raise AssertionError(f"timed out waiting for {predicate}\nevents: {events}\n"
+                                 f"sockets: {frames}\npage errors: {self.errors}") from None
 
     async def events(self, kind: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self.page.evaluate(

@@ -108,7 +108,7 @@ async def test_without_recover_a_reconnect_subscribes_afresh(
     await tab.start(http_url(node) + "/wsbroker.js", script.url, token=make_token(),
                     minReconnectDelay=50)
     await tab.js(f"track('{CHANNEL}')")
-    await tab.until("events.filter(e => e.kind === 'subscribed').length === 2")
+    await tab.until("events.filter(e => e.kind === 'subscribed').length >= 2")
     assert "since" not in script.subscribes[1]
 
 
