@@ -161,7 +161,7 @@ async def test_a_refresh_that_narrows_the_token_ends_that_subscription(
 ) -> None:
     node = await start_node(jwt_leeway=0)
     tab: Tab = await open_tab()
-    tab.tokens.mint = lambda: make_token("alice", channels=["keep", "drop"], ttl=2)
+    tab.tokens.mint = lambda: make_token("alice", channels=["keep", "drop"], ttl=4)
     await tab.start(module_of(node), ws_url(node), get_token=True)
     await tab.js("track('keep'); track('drop')")
     await tab.until("events.filter(e => e.kind === 'subscribed').length === 2")
@@ -371,16 +371,17 @@ async def test_a_frame_over_the_size_limit_stops_with_1009(
 async def test_the_token_is_refreshed_in_place_before_it_expires(
     start_node: NodeFactory, open_tab: OpenTab
 ) -> None:
-    """3 s tokens, no leeway: over 7 s the one connection is refreshed with `auth`
-    ops and never closed; getToken is never called while a call is in flight."""
+    """Tokens of 3-4 s (exp is whole seconds), no leeway: over 8 s the one connection
+    is refreshed with `auth` ops and never closed; getToken is never called while
+    a call is in flight."""
     node = await start_node(jwt_leeway=0)
     tab: Tab = await open_tab()
-    tab.tokens.mint = lambda: make_token("alice", ttl=3)
-    tab.tokens.delay = 0.3
+    tab.tokens.mint = lambda: make_token("alice", ttl=4)
+    tab.tokens.delay = 0.2
     await tab.start(module_of(node), ws_url(node), get_token=True)
     await tab.js("track('news')")
     await tab.until_state("connected")
-    await asyncio.sleep(7.0)  # outlive two token lifetimes
+    await asyncio.sleep(8.0)  # outlive two token lifetimes
     assert await tab.states() == ["connecting", "connected"]
     (socket,) = tab.sockets
     refreshes = socket.ops("auth")[1:]
