@@ -20,6 +20,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from tests.browser_client_harness import Tab, needs_chromium
 from tests.conftest import NodeFactory, http_url, ws_url
 from tests.helpers import SECRET, eventually, free_port, http_get, make_token
+from tests.redis_server import RedisServer
 from wsbroker.history import HistoryRules
 from wsbroker.server import Node
 
@@ -190,6 +191,28 @@ async def test_a_throwing_handler_does_not_break_the_client(
     await tab.until("events.filter(e => e.kind === 'message').length === 2")
     assert tab.errors == ["app bug", "app bug"]
     assert await tab.js("client.state") == "connected"
+
+
+async def test_a_subscribe_refused_while_redis_is_down_is_retried(
+    start_node: NodeFactory, redis_server: RedisServer, open_tab: OpenTab
+) -> None:
+    """`unavailable` is transient: the subscription retries with backoff on the same
+    connection and is subscribed once Redis is back."""
+    node = await start_node(redis_url=redis_server.url)
+    tab: Tab = await open_tab()
+    await tab.start(module_of(node), ws_url(node), token=make_token(), minReconnectDelay=100,
+                    maxReconnectDelay=400)
+    await tab.until_state("connected")
+    await asyncio.to_thread(redis_server.kill)
+    await eventually(lambda: not node.ready)
+    await tab.js("track('news')")
+    await eventually(lambda: len(tab.sockets[0].ops("subscribe")) >= 2)  # refused, retried
+    await asyncio.to_thread(redis_server.start)
+    await tab.until("events.some(e => e.kind === 'subscribed')", timeout_ms=15_000)
+    (socket,) = tab.sockets
+    refused = [f for f in socket.received if f.get("id") == socket.ops("subscribe")[0]["id"]]
+    assert refused[0]["code"] == "unavailable", refused
+    assert await tab.events("unsubscribed") == [] and await tab.events("suberror") == []
 
 
 async def _equals(value: Any, expected: float) -> bool:

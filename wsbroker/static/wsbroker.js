@@ -280,14 +280,18 @@ export class WsBroker extends Emitter {
 
   _retry(detail) {
     this._setState("connecting", detail);
-    const { minReconnectDelay, maxReconnectDelay } = this._options;
-    const ceiling = Math.min(maxReconnectDelay, minReconnectDelay * 2 ** Math.min(this._failures, 30));
-    this._failures++;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => {
       this._reconnectTimer = 0;
       this._open();
-    }, Math.random() * ceiling);
+    }, this._backoff(this._failures++));
+  }
+
+  /** Full jitter: random between 0 and min(max, min * 2^failures). */
+  _backoff(failures) {
+    const { minReconnectDelay, maxReconnectDelay } = this._options;
+    return Math.random() * Math.min(maxReconnectDelay,
+                                    minReconnectDelay * 2 ** Math.min(failures, 30));
   }
 
   _stop(error, detail) {
@@ -478,14 +482,12 @@ export class WsBroker extends Emitter {
 
   _subscribeFailed(sub, attempt, reply) {
     if (RETRY_SUBSCRIBE.has(reply.code)) {
-      const ceiling = Math.min(this._options.maxReconnectDelay,
-                               this._options.minReconnectDelay * 2 ** Math.min(sub._failures++, 30));
       const ws = this._ws;
       setTimeout(() => {
         if (ws === this._ws && attempt === sub._attempt && sub.state === "subscribing") {
           this._sendSubscribe(sub);
         }
-      }, Math.random() * ceiling);
+      }, this._backoff(sub._failures++));
       return;
     }
     sub._emit("error", new WsBrokerError(reply.code, reply.message));
