@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import Client, make_token
+from tests.helpers import Client, clean_env, make_token
 from tests.redis_server import RedisServer
 from wsbroker.config import RateLimit
 from wsbroker.history import HistoryRules
@@ -245,3 +247,29 @@ async def test_a_made_up_envelope_is_dropped_and_changes_nothing(
         text = hnode.metrics.render().decode()
         assert 'wsbroker_messages_dropped_total{reason="out_of_sequence"} 1.0' in text
         assert (await pub.request("history", channel="chat.f"))["offset"] == 2
+
+
+async def test_publish_command_through_a_node_prints_the_offset(start_node: NodeFactory) -> None:
+    node = await start_node(history=RULES)
+    for expected in ("1\n", "2\n"):
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "wsbroker", "publish", "chat.ws", '{"a":1}',
+             "--url", ws_url(node), "--token", PUBLISHER],
+            capture_output=True, text=True, timeout=30, env=clean_env())
+        assert (run.returncode, run.stdout) == (0, expected), run.stderr
+
+
+async def test_a_replay_larger_than_the_send_buffer_is_not_recovered(
+        start_node: NodeFactory) -> None:
+    node = await start_node(history=RULES, max_send_buffer=4096, rate_limit=RateLimit(0, 0))
+    async with clients(node, PUBLISHER) as (pub,):
+        ok = await pub.request("history", channel="chat.big")
+        for _ in range(60):
+            await publish(pub, "chat.big", "x" * 100)
+        reply = await pub.request("subscribe", channel="chat.big",
+                                  since={"offset": 0, "epoch": ok["epoch"]})
+        assert (reply["recovered"], reply["offset"]) == (False, 60)
+        small = await pub.request("subscribe", channel="chat.small",
+                                  since={"offset": 0, "epoch": "unknown"})
+        assert small["recovered"] is False

@@ -9,14 +9,14 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, clean_env, eventually, make_token
-from tests.redis_cluster import LocalCluster
+from tests.redis_cluster import ClusterNode, LocalCluster, start_local_cluster
 from wsbroker.history import HistoryRules, history_keys
 from wsbroker.server import Node
 
@@ -143,3 +143,37 @@ async def test_node_recovers_a_shard_whose_link_dropped(
             message = await sub.next_message(timeout=15)
             got[message["channel"]].append(message["offset"])
         assert got == {channel: [1, 2] for channel in names}
+
+
+@pytest.fixture
+def cluster_with_replica() -> Iterator[tuple[LocalCluster, ClusterNode]]:
+    """A cluster of its own (it is reshaped): the second master has one replica."""
+    local = start_local_cluster()
+    try:
+        yield local, local.add_replica(local.nodes[1])
+    finally:
+        local.close()
+
+
+async def test_history_survives_a_failover_with_the_same_epoch(
+        start_node: NodeFactory, cluster_with_replica: tuple[LocalCluster, ClusterNode]) -> None:
+    local, replica = cluster_with_replica
+    channel = local.names_per_shard("chat.fo", PREFIX)[1]
+    node = await cluster_node(start_node, local, "here")
+    await eventually(lambda: bool(replica.command("FUNCTION", "LIST", "LIBRARYNAME",
+                                                  "wsbroker")))  # replicated
+    keys = history_keys((PREFIX + channel).encode())
+    async with (Client.connect(ws_url(node), make_token()) as sub,
+                RedisCluster.from_url(local.url) as backend):
+        ok = await sub.subscribe(channel)
+        for value in (1, 2):
+            await backend.fcall("wsb_spublish", 2, *keys, str(value), 50, 0)  # type: ignore[misc]
+        assert [(await sub.next_message())["offset"] for _ in range(2)] == [1, 2]
+        await asyncio.to_thread(local.failover, replica)
+        assert local.owner(PREFIX + channel) is replica
+        reply = await backend.fcall("wsb_spublish", 2, *keys, "3", 50, 0)  # type: ignore[misc]
+        assert int(reply[0]) == 3 and reply[1].decode() == ok["epoch"]
+        assert (await sub.next_message(timeout=15))["offset"] == 3
+        page = await sub.request("history", channel=channel)
+        assert ([m["offset"] for m in page["messages"]], page["epoch"]) == ([1, 2, 3],
+                                                                           ok["epoch"])

@@ -18,7 +18,7 @@ from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, clean_env, eventually, make_token
 from tests.redis_server import RedisServer, numsub
 from wsbroker.history import LIBRARY_VERSION, HistoryRules, history_keys, load_library
-from wsbroker.hub import INSUFFICIENT_STATE
+from wsbroker.recovery import INSUFFICIENT_STATE
 from wsbroker.server import Node
 
 PREFIX = "h:"
@@ -227,3 +227,38 @@ async def test_without_persistence_the_epoch_changes_and_subscribers_are_told(
     assert 'wsbroker_recoveries_total{result="node_lost"} 1.0' in text
 
 
+
+
+async def test_a_client_ahead_of_this_node_waits_for_it_and_recovers(
+        start_node: NodeFactory, redis_server: RedisServer) -> None:
+    node = await start(start_node, redis_server)
+    async with Client.connect(ws_url(node), make_token()) as first:
+        ok = await first.subscribe("chat.ahead")
+        await fcall_publish(redis_server, "chat.ahead", 1)
+        assert await offsets(first, 1) == [1]
+        # Offset 2 is in Redis but has not reached this node (a client saw it elsewhere).
+        redis_server.command("HINCRBY", "{h:chat.ahead}:m", "o", 1)
+        redis_server.command("XADD", "{h:chat.ahead}:s", "2-0", "p",
+                             f'wsb1{{"data":2,"offset":2,"epoch":"{ok["epoch"]}"}}')
+        async with Client.connect(ws_url(node), make_token()) as ahead:
+            await ahead.send({"op": "subscribe", "id": 1, "channel": "chat.ahead",
+                              "since": {"offset": 2, "epoch": ok["epoch"]}})
+            # Not needed for the outcome, only to make the subscribe wait for the node
+            # here (the assertions hold whichever comes first).
+            await asyncio.sleep(0.05)
+            await fcall_publish(redis_server, "chat.ahead", 3)  # the node fills 2, then 3
+            reply = await ahead.receive()
+            assert reply["recovered"] is True and reply["offset"] == 3
+            assert await offsets(ahead, 1) == [3]  # not 2, which it had: no duplicate
+        assert await offsets(first, 2) == [2, 3]
+
+
+async def test_history_and_publish_are_unavailable_while_redis_is_down(
+        start_node: NodeFactory, redis_server: RedisServer) -> None:
+    node = await start(start_node, redis_server)
+    async with Client.connect(ws_url(node), make_token("p", publish=[">"])) as client:
+        redis_server.kill()
+        await eventually(lambda: not node.backplane.is_up)
+        for op, fields in (("history", {}), ("publish", {"data": 1}), ("subscribe", {})):
+            reply = await client.request(op, channel="chat.down", **fields)
+            assert (reply["type"], reply["code"]) == ("error", "unavailable")

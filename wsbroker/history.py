@@ -17,8 +17,8 @@ missed. Three parts live here:
 * :class:`MemoryHistory`: the same behaviour inside the node, for the
   in-process engine.
 
-How the hub uses offsets to deliver every message once, in order, is in
-:class:`Sequence` (one per history channel with local subscribers).
+How a node uses offsets to deliver every message once, in order, and to
+recover gaps is in :mod:`wsbroker.recovery`.
 """
 
 from __future__ import annotations
