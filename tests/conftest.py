@@ -15,7 +15,8 @@ from tests.helpers import SECRET, ServerProcess
 from wsbroker.config import Settings
 from wsbroker.server import Node
 
-pytest_plugins = ["tests.redis_server", "tests.redis_cluster", "tests.webhook_receiver"]
+pytest_plugins = ["tests.redis_server", "tests.redis_cluster", "tests.webhook_receiver",
+                  "tests.browser_client_harness"]
 
 NodeFactory = Callable[..., Awaitable[Node]]
 

@@ -71,6 +71,7 @@ def test_demo_page_receives_and_publishes(dev_server: tuple[ServerProcess, str, 
     server, token, demo_url = dev_server
     socket_urls: list[str] = []
     page_errors: list[str] = []
+    requests: list[str] = []
     listener: subprocess.Popen[bytes] | None = None
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -78,6 +79,7 @@ def test_demo_page_receives_and_publishes(dev_server: tuple[ServerProcess, str, 
             page = browser.new_page(viewport={"width": 900, "height": 700})
             page.on("websocket", lambda ws: socket_urls.append(ws.url))
             page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.on("request", lambda request: requests.append(request.url))
             page.goto(demo_url)
 
             expect(page.locator("#status")).to_have_text("online", timeout=UI_WAIT_MS)
@@ -87,6 +89,8 @@ def test_demo_page_receives_and_publishes(dev_server: tuple[ServerProcess, str, 
                 1, timeout=UI_WAIT_MS)
             # The token travels in the first message, never in the WebSocket URL.
             assert socket_urls == [f"ws://127.0.0.1:{server.port}/ws"]
+            # The page runs on the client the node serves.
+            assert f"{server.http}/wsbroker.js" in requests
 
             published = subprocess.run(
                 [sys.executable, "-m", "wsbroker", "publish", "demo.chat", '{"hello":"browser"}',
@@ -144,7 +148,7 @@ def test_demo_page_without_token_says_how_to_get_one(
 
 
 def test_demo_page_reconnects_after_a_restart(server_process: StartServer) -> None:
-    """When the node restarts (close 1012), the page shows it, reconnects with backoff,
+    """When the node restarts (close 1012), the page shows it, wsbroker.js reconnects with backoff,
     goes online again and is subscribed to its channel again."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -162,7 +166,7 @@ def test_demo_page_reconnects_after_a_restart(server_process: StartServer) -> No
             status = page.locator("#status")
             expect(status).to_have_text("online", timeout=UI_WAIT_MS)
             first.signal()
-            expect(status).to_have_text(re.compile(r"closed \(1012"), timeout=UI_WAIT_MS)
+            expect(status).to_have_text(re.compile(r"reconnecting \(1012"), timeout=UI_WAIT_MS)
             assert first.wait(15) == 0
             server_process(*args, env=clean_env(), port=first.port)
             expect(status).to_have_text("online", timeout=UI_WAIT_MS)

@@ -248,9 +248,11 @@ class Node:
             return await self._admit(connection, request, query)
         if is_upgrade:
             return http.text(404, "WebSocket endpoint is /ws")
-        return self._http_route(path)
+        return self._http_route(path, request)
 
-    def _http_route(self, path: str) -> Response:
+    def _http_route(self, path: str, request: Request) -> Response:
+        if path in http.CLIENT_FILES:
+            return http.serve_client_file(path, request.headers.get("If-None-Match"))
         if path == "/healthz":
             return http.text(200, "ok")
         if path == "/readyz":

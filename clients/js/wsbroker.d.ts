@@ -1,0 +1,1 @@
+../../wsbroker/static/wsbroker.d.ts
