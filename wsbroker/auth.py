@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import time
@@ -38,6 +37,7 @@ from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorith
 from wsbroker.channels import InvalidPattern, PatternSet
 from wsbroker.config import Settings
 from wsbroker.logs import safe_url
+from wsbroker.tasks import cancel_and_wait
 
 log = logging.getLogger("wsbroker.auth")
 
@@ -125,9 +125,7 @@ class JwksCache:
     async def stop(self) -> None:
         for task in (self._schedule, self._inflight):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         self._schedule = self._inflight = None
 
     async def _refresh_on_schedule(self) -> None:

@@ -43,6 +43,7 @@ from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.backplane.link import CONNECT_TIMEOUT, PUBLISH_TIMEOUT, redact_url
 from wsbroker.channels import is_valid_channel
 from wsbroker.config import Settings
+from wsbroker.tasks import cancel_and_wait
 
 log = logging.getLogger("wsbroker.registry")
 
@@ -153,9 +154,7 @@ class RedisRegistry(Registry):
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 await self._client.srem(self._set_key, self._node_id)

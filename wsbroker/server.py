@@ -35,6 +35,7 @@ from wsbroker.outbox import CLOSE_TIMEOUT, Connection
 from wsbroker.presence import PresenceService
 from wsbroker.registry import NodeReport, create_registry, open_redis, uptime_since
 from wsbroker.session import CLOSE_DISCONNECTED, CLOSE_SERVICE_RESTART, NodeServices, Session
+from wsbroker.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from wsbroker.webhooks.service import Webhooks
@@ -173,8 +174,7 @@ class Node:
         if self.api is not None:
             await self.api.stop()
         await self.registry.stop()
-        if self._control_task is not None:
-            self._control_task.cancel()
+        await cancel_and_wait(self._control_task)
         if self._server is not None:
             self._server.close()
         # Subscribes still waiting on the backplane end now, so their sessions

@@ -16,7 +16,6 @@ loaded or upgraded on every connect, and again on demand if Redis lost it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -56,6 +55,7 @@ from wsbroker.history import (
     load_library,
     parse_stream,
 )
+from wsbroker.tasks import cancel_and_wait
 
 __all__ = [  # the constants and helpers moved to link.py stay importable from here
     "BACKOFF_BASE",
@@ -136,20 +136,14 @@ class RedisBackplane(Backplane):
         waiter = asyncio.create_task(self._first_attempt.wait())
         await asyncio.wait({waiter, self._task}, timeout=SETUP_TIMEOUT + 1,
                            return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await waiter
+        await cancel_and_wait(waiter)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._loading is not None:
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loading
+            await cancel_and_wait(self._loading)
         await self._sub.stop()  # the supervisor normally closed it already
         self._up = False
         self._names.clear()

@@ -34,6 +34,7 @@ from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
 from wsbroker.presence.base import Member, PresenceNotEnabled, PresenceStats, PresenceStore
 from wsbroker.protocol import encode_member_event
+from wsbroker.tasks import cancel_and_wait
 
 log = logging.getLogger("wsbroker.presence")
 
@@ -163,9 +164,7 @@ class PresenceService:
         """Stop refreshing and remove what this node still holds (best effort)."""
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            await cancel_and_wait(refresher)
         if self._store is None:
             return
         store = self._store

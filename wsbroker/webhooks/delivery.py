@@ -30,6 +30,7 @@ import orjson
 
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
+from wsbroker.tasks import cancel_and_wait
 from wsbroker.webhooks.signing import sign
 
 log = logging.getLogger("wsbroker.webhooks")
@@ -242,8 +243,7 @@ class Dispatcher:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._session is not None:
             await self._session.close()
             self._session = None

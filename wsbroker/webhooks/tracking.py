@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from wsbroker.backplane.link import redact_url
 from wsbroker.config import Settings
 from wsbroker.logs import Throttled
+from wsbroker.tasks import cancel_and_wait
 
 log = logging.getLogger("wsbroker.webhooks")
 
@@ -313,7 +314,7 @@ class RedisTracker(Tracker):
         self._closing = True
         tasks, self._tasks = self._tasks, []
         for task in tasks[1:]:
-            task.cancel()
+            await cancel_and_wait(task)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -326,9 +327,7 @@ class RedisTracker(Tracker):
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     await asyncio.shield(worker)
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            await cancel_and_wait(worker)
         await self._redis.aclose()
 
     async def _every(self, period: float, action: Callable[[], None]) -> None:
