@@ -36,13 +36,13 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from wsbroker import __version__
 from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.backplane.link import CONNECT_TIMEOUT, PUBLISH_TIMEOUT, redact_url
 from wsbroker.channels import is_valid_channel
 from wsbroker.config import Settings
+from wsbroker.redis_errors import REDIS_FAILURES
 from wsbroker.tasks import cancel_and_wait
 
 log = logging.getLogger("wsbroker.registry")
@@ -155,7 +155,7 @@ class RedisRegistry(Registry):
         if task is None:
             return
         await cancel_and_wait(task)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 await self._client.srem(self._set_key, self._node_id)
                 await self._client.delete(self._key_prefix + self._node_id.encode())
@@ -167,7 +167,7 @@ class RedisRegistry(Registry):
                 if self._failing:
                     log.info("reporting this node to Redis at %s again", self._url)
                 self._failing = False
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 if not self._failing:
                     log.warning("cannot report this node to Redis at %s (%s); /api/info on "
                                 "other nodes will miss it until Redis is back", self._url, exc)
@@ -191,7 +191,7 @@ class RedisRegistry(Registry):
                 gone = [node for node, value in zip(ids, values, strict=True) if value is None]
                 if gone:
                     await self._client.srem(self._set_key, *gone)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BackplaneUnavailable(f"Redis did not answer: {exc}") from exc
         reports = {self._node_id: self._snapshot()}  # our own, fresher than Redis's copy
         for value in values:
@@ -212,7 +212,7 @@ class RedisRegistry(Registry):
                 else:
                     names = await self._client.execute_command(
                         "PUBSUB CHANNELS", self._channel_glob)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BackplaneUnavailable(f"Redis did not answer: {exc}") from exc
         size = len(self._prefix)
         found = {name[size:].decode(errors="replace") for name in _flatten(names)}

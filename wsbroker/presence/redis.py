@@ -34,13 +34,14 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from wsbroker.backplane.base import BackplaneUnavailable
 from wsbroker.backplane.link import client_options
 from wsbroker.config import Settings
 from wsbroker.logs import Throttled
 from wsbroker.presence.base import Member, PresenceStats, PresenceStore
+from wsbroker.redis_errors import REDIS_FAILURES
 
 _CLOCK = """
 local function now_ms()
@@ -278,7 +279,7 @@ class RedisPresenceStore(PresenceStore):
                     return await self._pipeline(script.sha, calls, then, by_sha=True)
                 except NoScriptError:  # a server that restarted: EVAL caches it again
                     return await self._pipeline(script.source, calls, then, by_sha=False)
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BackplaneUnavailable(f"Redis presence: {exc}") from exc
 
     async def _pipeline(

@@ -29,11 +29,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from wsbroker.backplane.link import redact_url
 from wsbroker.config import Settings
 from wsbroker.logs import Throttled
+from wsbroker.redis_errors import REDIS_FAILURES
 from wsbroker.tasks import cancel_and_wait
 
 log = logging.getLogger("wsbroker.webhooks")
@@ -352,7 +352,7 @@ class RedisTracker(Tracker):
                 self._busy = True
                 try:
                     await self._apply(op, subject)
-                except (RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     self._failed(op, subject, exc)
                 except Exception:
                     log.exception("webhook tracking failed on %s", op)
@@ -394,7 +394,7 @@ class RedisTracker(Tracker):
             try:
                 await self._outcome(subject, await self._settle(self._keys(subject),
                                                                 [self._delay_ms]))
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 self._failed("settle", subject, exc)
         if len(claimed) == CLAIM_BATCH:
             self._queue("sweep", None)  # more are due
