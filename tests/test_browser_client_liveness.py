@@ -113,3 +113,22 @@ async def test_a_visible_tab_with_a_live_connection_stays_connected(
     (socket,) = tab.sockets
     assert len(socket.ops("ping")) == 1
     assert {"type": "ok"} in socket.received
+
+
+async def test_a_tab_made_visible_stops_waiting_to_reconnect(
+    node: ServerProcess, open_tab: OpenTab, server_process: Callable[..., ServerProcess]
+) -> None:
+    """A hidden tab's retry timer may be throttled for a minute: becoming visible
+    connects at once."""
+    tab: Tab = await open_tab(init_script=NO_JITTER)
+    await start(tab, node, minReconnectDelay=30_000, maxReconnectDelay=60_000)
+    node.signal(signal.SIGKILL)
+    node.wait(5)
+    await tab.until_state("connecting", nth=2)
+    server_process("--jwt-secret", SECRET, port=node.port)
+    await tab.js(VISIBLE)
+    await tab.until_state("connected", nth=2, timeout_ms=3000)
+    (shown,) = await tab.events("shown")
+    connected = (await tab.events("state"))[-1]
+    assert connected["at"] - shown["at"] < 1000 + SLACK_MS
+    assert len(tab.sockets) == 2
