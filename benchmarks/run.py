@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Benchmark wsbroker against a plain-websockets floor server.",
     )
-    p.add_argument("--servers", default="wsbroker,floor", help="comma list of wsbroker,floor")
+    p.add_argument("--servers", default="wsbroker,floor", help="comma list of wsbroker,floor,node")
     p.add_argument("--subscribers", type=csv_ints, default=[1000], help="comma list")
     p.add_argument(
         "--channels",
@@ -497,6 +497,7 @@ async def amain(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
             "pinned": "taskset" in processes.pinned(["x"], 1)[0],
             "fd_limit": hard,
+            "peers": servers.node_peer_versions() if "node" in args.servers else {},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         },
         "runs": runs,
