@@ -20,7 +20,7 @@ import time
 
 import orjson
 
-time_ns = time.time_ns
+from wsbroker.bench.messages import message
 
 
 def resp_publish(channel: bytes, payload: bytes) -> bytes:
@@ -31,12 +31,6 @@ def resp_publish(channel: bytes, payload: bytes) -> bytes:
         len(payload),
         payload,
     )
-
-
-def message(step: int, seq: int, size: int) -> bytes:
-    """A compact JSON object of ``size`` bytes stamped with the publish time."""
-    body = b'{"r":%d,"s":%d,"t":%d,"p":"' % (step, seq, time_ns())
-    return body + b"x" * max(0, size - len(body) - 2) + b'"}'
 
 
 async def publish(args: argparse.Namespace) -> dict[str, float | int]:

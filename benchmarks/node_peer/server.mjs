@@ -1,7 +1,7 @@
 // The Node.js peer of the benchmark harness: what a competent team would write
 // with `ws` and `ioredis` to do wsbroker's job for the load generator.
 //
-// It verifies the HS256 token at the upgrade (jsonwebtoken), greets with a
+// It verifies the HS256 token at the upgrade (jsonwebtoken; header or query), greets with a
 // welcome, confirms subscribes only after Redis has (as wsbroker does), checks
 // that each Redis payload is JSON, builds the message once per Redis message
 // and sends it to every local subscriber with ws.send, and cuts a client with
@@ -83,9 +83,11 @@ const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxP
 
 server.on("upgrade", (req, socket, head) => {
   const url = new URL(req.url, "http://localhost");
+  const bearer = /^Bearer (.+)$/i.exec(req.headers.authorization ?? "");
+  const token = bearer ? bearer[1] : url.searchParams.get("token") ?? "";
   let claims;
   try {
-    claims = jwt.verify(url.searchParams.get("token") ?? "", args.secret, { algorithms: ["HS256"] });
+    claims = jwt.verify(token, args.secret, { algorithms: ["HS256"] });
   } catch (error) {
     socket.end(`HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\n\r\n${error.message}\n`);
     return;
