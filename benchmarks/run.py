@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import control, processes, report, servers
-from benchmarks.progress import Progress
+from wsbroker.bench.progress import Progress
 
 FD_MARGIN = 64  # descriptors a server needs besides its client sockets
 

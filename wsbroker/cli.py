@@ -1,4 +1,4 @@
-"""The ``wsbroker`` command: serve, token, publish, listen.
+"""The ``wsbroker`` command: serve, token, publish, listen, bench.
 
 Exit codes: 0 done, 1 failed at run time (refused, unreachable), 2 bad usage
 or configuration (the message says what to change).
@@ -125,6 +125,14 @@ def _build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, default=None,
                         help="exit 0 after this many messages")
     listen.set_defaults(run=_run_listen)
+
+    bench = commands.add_parser("bench", help="load-test a deployment and report", description=(
+        "Connect N subscribers to URL over K channels, publish through Redis at a steady "
+        "rate, and report connects/s, deliveries/s, latency, loss and duplicates."))
+    from wsbroker.bench.command import configure
+
+    configure(bench)
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -393,6 +401,15 @@ def _run_listen(args: argparse.Namespace) -> int:
     from wsbroker import client
 
     return _run_client(client.listen(args.url, token, args.channels, args.count))
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from wsbroker.bench.command import UsageError, run
+
+    try:
+        return run(args)
+    except UsageError as exc:
+        raise ConfigError(str(exc).removeprefix("bench: ")) from None
 
 
 def _run_client(coroutine: Any) -> int:
