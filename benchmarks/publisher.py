@@ -22,7 +22,7 @@ import time
 
 import orjson
 
-time_ns = time.time_ns
+from wsbroker.bench.messages import message
 
 
 def resp_publish(channel: bytes, payload: bytes) -> bytes:
@@ -40,12 +40,6 @@ def resp_fcall(channel: bytes, payload: bytes, size: bytes) -> bytes:
     args = [b"FCALL", b"wsb_publish", b"2", b"{" + channel + b"}:s", b"{" + channel + b"}:m",
             payload, size, b"0"]
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
-def message(step: int, seq: int, size: int) -> bytes:
-    """A compact JSON object of ``size`` bytes stamped with the publish time."""
-    body = b'{"r":%d,"s":%d,"t":%d,"p":"' % (step, seq, time_ns())
-    return body + b"x" * max(0, size - len(body) - 2) + b'"}'
 
 
 async def publish(args: argparse.Namespace) -> dict[str, float | int]:

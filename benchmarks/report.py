@@ -1,9 +1,9 @@
 """Turning measurements into something to read: the table, the JSON file, the plot.
 
-The table puts wsbroker and the floor side by side per scenario and rate, with a
-``wsbroker ÷ floor`` row per figure: above 1 means wsbroker spends more (memory,
-CPU, latency) or, for rates, achieves more. matplotlib is optional: without it
-the PNG is skipped with a note.
+The table puts wsbroker and its peers (the floor, Node's ``ws``) side by side
+per scenario and rate, with a ``wsbroker ÷ <peer>`` row per figure: above 1
+means wsbroker spends more (memory, CPU, latency) or, for rates, achieves more.
+matplotlib is optional: without it the PNG is skipped with a note.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from typing import Any
 
 import orjson
 
-RATIO = "wsbroker ÷ floor"
+PEERS = ("floor", "node")
+
+
+def ratio_label(peer: str) -> str:
+    return f"wsbroker ÷ {peer}"
+
+
 HISTORY_RATIO = "history ÷ wsbroker"
 
 
@@ -102,19 +108,20 @@ def _connect_table(runs: list[dict[str, Any]]) -> str:
             ]
         )
     srv = _by_server(runs)
-    if {"wsbroker", "floor"} <= srv.keys() and all("connect" in srv[k] for k in srv):
-        w, f = srv["wsbroker"], srv["floor"]
-        rows.append(
-            [
-                RATIO,
-                ratio(w["connect"]["per_s"], f["connect"]["per_s"]),
-                "",
-                "",
-                "",
-                ratio(w["rss_kib"]["per_connection"], f["rss_kib"]["per_connection"]),
-                "",
-            ]
-        )
+    for peer in PEERS:
+        if {"wsbroker", peer} <= srv.keys() and all("connect" in srv[k] for k in srv):
+            w, f = srv["wsbroker"], srv[peer]
+            rows.append(
+                [
+                    ratio_label(peer),
+                    ratio(w["connect"]["per_s"], f["connect"]["per_s"]),
+                    "",
+                    "",
+                    "",
+                    ratio(w["rss_kib"]["per_connection"], f["rss_kib"]["per_connection"]),
+                    "",
+                ]
+            )
     return _table(header, rows)
 
 
@@ -152,10 +159,11 @@ def _steps_table(runs: list[dict[str, Any]]) -> str:
                     ",".join(s["flags"]) + (" FAIL" if s["failed"] else ""),
                 ]
             )
-        if {"wsbroker", "floor"} <= steps.keys():
-            w, f = steps["wsbroker"], steps["floor"]
-            cells = [ratio(get(w), get(f)) for _, get in STEP_FIGURES]
-            rows.append(["", RATIO, cells[0], "", "", *cells[1:], "", "", ""])
+        for peer in PEERS:
+            if {"wsbroker", peer} <= steps.keys():
+                w, f = steps["wsbroker"], steps[peer]
+                cells = [ratio(get(w), get(f)) for _, get in STEP_FIGURES]
+                rows.append(["", ratio_label(peer), cells[0], "", "", *cells[1:], "", "", ""])
         if {"wsbroker", "history"} <= steps.keys():  # the price of offsets and recovery
             h, w = steps["history"], steps["wsbroker"]
             cells = [ratio(get(h), get(w)) for _, get in STEP_FIGURES]
@@ -167,8 +175,9 @@ def _peak_lines(runs: list[dict[str, Any]]) -> str:
     peaks = {r["server"]: (r.get("peak") or {}).get("deliveries_per_s") for r in runs}
     parts = [f"{server} {num(value)}" for server, value in peaks.items()]
     line = "peak lossless deliveries/s (p99 under the ceiling): " + ", ".join(parts)
-    if "wsbroker" in peaks and "floor" in peaks:
-        line += f"; {RATIO} = {ratio(peaks['wsbroker'], peaks['floor'])}"
+    for peer in PEERS:
+        if "wsbroker" in peaks and peer in peaks:
+            line += f"; {ratio_label(peer)} = {ratio(peaks['wsbroker'], peaks[peer])}"
     return line
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import control, processes, report, servers
-from benchmarks.progress import Progress
+from wsbroker.bench.progress import Progress
 
 FD_MARGIN = 64  # descriptors a server needs besides its client sockets
 
@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark wsbroker against a plain-websockets floor server.",
     )
     p.add_argument("--servers", default="wsbroker,floor",
-                   help="comma list of wsbroker,floor,history (history: wsbroker with every "
-                        "channel a history channel, published with FCALL)")
+                   help="comma list of wsbroker,floor,node,history (node: Node.js ws + ioredis; "
+                        "history: wsbroker with every channel a history channel, published "
+                        "with FCALL)")
     p.add_argument("--subscribers", type=csv_ints, default=[1000], help="comma list")
     p.add_argument(
         "--channels",
@@ -500,6 +501,7 @@ async def amain(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
             "pinned": "taskset" in processes.pinned(["x"], 1)[0],
             "fd_limit": hard,
+            "peers": servers.node_peer_versions() if "node" in args.servers else {},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         },
         "runs": runs,

@@ -8,8 +8,11 @@ exactly what a backend would do. The floor ignores the token.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ import jwt
 from benchmarks import processes
 
 SERVER_CPU = 0
-KNOWN = ("wsbroker", "floor", "history")
+KNOWN = ("wsbroker", "floor", "node", "history")
+NODE_PEER = processes.REPO / "benchmarks" / "node_peer"
 HISTORY_SIZE = 1000
 """``--history`` SIZE of the ``history`` server: every channel keeps this many messages."""
 
@@ -81,10 +85,46 @@ def _floor_cmd(port: int, redis_port: int, secret: str) -> list[str]:
     ]
 
 
+def _node_cmd(port: int, redis_port: int, secret: str) -> list[str]:
+    _install_node_peer()
+    return [
+        "node",
+        str(NODE_PEER / "server.mjs"),
+        "--port",
+        str(port),
+        "--redis-url",
+        f"redis://127.0.0.1:{redis_port}",
+        "--secret",
+        secret,
+    ]
+
+
+def _install_node_peer() -> None:
+    """``npm ci`` the peer's pinned packages (ws, ioredis, jsonwebtoken) once."""
+    if (NODE_PEER / "node_modules" / "ws").is_dir():
+        return
+    if shutil.which("npm") is None:
+        raise RuntimeError("the node peer needs Node.js and npm on the PATH")
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_PEER)],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def node_peer_versions() -> dict[str, str]:
+    """Node.js and the peer's package versions, recorded with the results."""
+    versions = {"node": subprocess.run(["node", "--version"], capture_output=True,
+                                       text=True, check=False).stdout.strip()}
+    for package in ("ws", "ioredis", "jsonwebtoken"):
+        manifest = NODE_PEER / "node_modules" / package / "package.json"
+        if manifest.is_file():
+            versions[package] = json.loads(manifest.read_text())["version"]
+    return versions
+
+
 COMMANDS: dict[str, Callable[[int, int, str], list[str]]] = {
     "wsbroker": _wsbroker_cmd,
     "floor": _floor_cmd,
     "history": _history_cmd,
+    "node": _node_cmd,
 }
 
 

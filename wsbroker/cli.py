@@ -1,4 +1,4 @@
-"""The ``wsbroker`` command: serve, token, publish, listen.
+"""The ``wsbroker`` command: serve, token, publish, listen, bench.
 
 Exit codes: 0 done, 1 failed at run time (refused, unreachable), 2 bad usage
 or configuration (the message says what to change).
@@ -134,6 +134,14 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="give up when the node has not welcomed us or confirmed a "
                              "subscription by then (default 10s)")
     listen.set_defaults(run=_run_listen)
+
+    bench = commands.add_parser("bench", help="load-test a deployment and report", description=(
+        "Connect N subscribers to URL over K channels, publish through Redis at a steady "
+        "rate, and report connects/s, deliveries/s, latency, loss and duplicates."))
+    from wsbroker.bench.command import configure
+
+    configure(bench)
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -433,6 +441,15 @@ def _timeout(text: str) -> float:
     if seconds <= 0:
         raise ConfigError(f"--timeout must be more than zero, not {text!r}")
     return seconds
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from wsbroker.bench.command import UsageError, run
+
+    try:
+        return run(args)
+    except UsageError as exc:
+        raise ConfigError(str(exc).removeprefix("bench: ")) from None
 
 
 def _run_client(coroutine: Any) -> int:

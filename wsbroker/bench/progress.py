@@ -1,4 +1,4 @@
-"""A one-line progress display on stderr (stdout is kept for the final table).
+"""A one-line progress display on stderr (stdout is kept for the final report).
 
 On a terminal the line is rewritten in place; in a pipe or log, only finished
 lines (``done``) and at most one status line every few seconds are written, so
@@ -12,6 +12,8 @@ import time
 
 
 class Progress:
+    """The status line of a long run; ``status`` rewrites it, ``done`` leaves a line."""
+
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.width = 0

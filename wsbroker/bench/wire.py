@@ -1,32 +1,36 @@
-"""Client side of the WebSocket wire format, just enough for the load generator.
+"""Client side of the WebSocket wire format, just enough for the subscribers.
 
-Why not the websockets library: the generator has to stay much cheaper per
-delivery than the server under test, so it speaks RFC 6455 itself. Server frames
-arrive unmasked (parsed inline in ``loadgen``); client frames must be masked, and a
-fixed mask key is enough for a benchmark on loopback.
+Why not the websockets library: a load generator has to stay much cheaper per
+delivery than the server under test, so it speaks RFC 6455 itself. Server
+frames arrive unmasked (parsed inline in :mod:`wsbroker.bench.subscribers`);
+client frames must be masked, and a fixed mask key is enough for a benchmark.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 MASK_KEY = b"\x37\xfa\x21\x3d"
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
-# Any valid base64 of 16 bytes will do; the server's Sec-WebSocket-Accept is not
-# checked because the peer is a server we started ourselves.
+# Any valid base64 of 16 bytes will do; Sec-WebSocket-Accept is not checked:
+# a server that answers 101 to this request is the one we mean to measure.
 HANDSHAKE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def upgrade_request(host: str, port: int, path: str) -> bytes:
-    """The HTTP/1.1 upgrade request, without permessage-deflate (never offered)."""
+def upgrade_request(host: str, path: str, headers: Mapping[str, str] | None = None) -> bytes:
+    """The HTTP/1.1 upgrade request (``host`` as the Host header wants it), no deflate."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     return (
         f"GET {path} HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
+        f"Host: {host}\r\n"
         "Upgrade: websocket\r\n"
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {HANDSHAKE_KEY}\r\n"
         "Sec-WebSocket-Version: 13\r\n"
+        f"{extra}"
         "\r\n"
     ).encode("ascii")
 
