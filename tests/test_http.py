@@ -42,6 +42,23 @@ async def test_metrics_exposes_the_spec_names(node: Node) -> None:
         assert name in body, name
 
 
+async def test_message_counts_are_exact_and_one_fanout_in_eight_is_timed(node: Node) -> None:
+    """Counts reach /metrics in the loop turn they happen; the histogram samples."""
+    async with Client.connect(ws_url(node), make_token()) as a, \
+            Client.connect(ws_url(node), make_token()) as b:
+        for client in (a, b):
+            await client.subscribe("m")
+        for index in range(17):
+            await node.backplane.publish("m", b"%d" % index)
+        for client in (a, b):
+            for index in range(17):
+                assert (await client.next_message())["data"] == index
+        body = (await get(http_url(node) + "/metrics"))[2]
+    assert "wsbroker_messages_received_total 17.0" in body
+    assert "wsbroker_messages_delivered_total 34.0" in body
+    assert "wsbroker_fanout_seconds_count 3.0" in body  # messages 1, 9 and 17
+
+
 async def test_disconnects_are_counted_by_code(node: Node) -> None:
     async with Client.connect(ws_url(node), make_token()) as client:
         await client.ws.send(b"binary")

@@ -232,48 +232,44 @@ class Hub:
 
     def on_message(self, channel: str, payload: bytes) -> None:
         """Backplane receiver: validate once, frame once, deliver to every local subscriber."""
-        metrics = self._metrics
-        metrics.messages_received.inc()
+        tally = self._metrics.tally
+        timed = tally.received()
         state = self._channels.get(channel)
         if state is None or (not state.subscribers and state.history is None):
             listener = self._listeners.get(channel) if state is None else None
             if listener is not None:
                 listener(channel, payload)
             return
-        started = time.perf_counter()
+        started = time.perf_counter() if timed else 0.0
         try:
             envelope = decode_payload(payload)
         except ValueError as exc:
             self._drop_invalid(channel, exc)
             return
         if envelope.event is not None:
-            self._announce(channel, state, envelope.event, started)
-            return
-        history = state.history
-        if history is not None and envelope.offset is not None and envelope.epoch is not None:
+            self._announce(channel, state, envelope.event)
+        elif (history := state.history) is not None and envelope.epoch is not None and (
+                envelope.offset is not None):
             history.receive(envelope)
-            metrics.fanout_seconds.observe(time.perf_counter() - started)
-            return
-        message = Outgoing.of(
-            encode_message(channel, envelope.data, envelope.sender, envelope.offset)
-        )
-        delivered = 0
-        for subscriber in state.subscribers:
-            delivered += subscriber.deliver(message)
-        metrics.messages_delivered.inc(delivered)
-        metrics.fanout_seconds.observe(time.perf_counter() - started)
+        else:
+            message = Outgoing.of(
+                encode_message(channel, envelope.data, envelope.sender, envelope.offset)
+            )
+            delivered = 0
+            for subscriber in state.subscribers:
+                delivered += subscriber.deliver(message)
+            tally.delivered(delivered)
+        if timed:
+            self._metrics.fanout_seconds.observe(time.perf_counter() - started)
 
-    def _announce(
-        self, channel: str, state: _Channel, event: MemberEvent, started: float
-    ) -> None:
+    def _announce(self, channel: str, state: _Channel, event: MemberEvent) -> None:
         """Fan a join/leave out, framed once, to every local subscriber but the member."""
         message = Outgoing.of(encode_member_frame(event.kind, channel, event.member))
         delivered = 0
         for subscriber in state.subscribers:
             if subscriber.client_id != event.client:
                 delivered += subscriber.deliver(message)
-        self._metrics.messages_delivered.inc(delivered)
-        self._metrics.fanout_seconds.observe(time.perf_counter() - started)
+        self._metrics.tally.delivered(delivered)
 
     # -- publishing and history ------------------------------------------------------
 

@@ -12,6 +12,8 @@ add up, the live gauges are summed, ``backplane_up`` is the minimum.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -26,6 +28,61 @@ CONTENT_TYPE = exposition.CONTENT_TYPE_LATEST
 
 FANOUT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                   0.1, 0.25, 1.0)
+
+FANOUT_SAMPLE_EVERY = 8
+"""``wsbroker_fanout_seconds`` times one message in this many (the first one
+included): its quantiles and mean are those of all messages, its ``_count`` is
+not the number of messages (``wsbroker_messages_received_total`` is)."""
+
+
+class Tally:
+    """Per-message counts as plain integers, folded into Prometheus once per loop turn.
+
+    prometheus-client takes a lock for every increment; on the fan-out path,
+    where a message to a one-subscriber channel costs a few microseconds in
+    all, two or three increments per message were about a tenth of it. Here a
+    message costs an integer add, and the totals reach the real counters at
+    the end of the loop turn, so a scrape (which runs in a later turn) never
+    sees them late.
+    """
+
+    __slots__ = ("_delivered", "_metrics", "_received", "_scheduled", "clock")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._received = 0
+        self._delivered = 0
+        self._scheduled = False
+        self.clock = 0
+        """Messages received, ever: picks the ones whose fan-out is timed."""
+
+    def received(self) -> bool:
+        """Count one backplane message; True if its fan-out is to be timed."""
+        self._received += 1
+        self.clock += 1
+        if not self._scheduled:
+            self._schedule()
+        return self.clock % FANOUT_SAMPLE_EVERY == 1
+
+    def delivered(self, count: int) -> None:
+        """Count ``count`` frames handed to clients."""
+        self._delivered += count
+        if not self._scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self.fold)
+
+    def fold(self) -> None:
+        """Add what was counted since the last fold to the Prometheus counters."""
+        self._scheduled = False
+        if self._received:
+            self._metrics.messages_received.inc(self._received)
+            self._received = 0
+        if self._delivered:
+            self._metrics.messages_delivered.inc(self._delivered)
+            self._delivered = 0
 
 
 class Metrics:
@@ -67,7 +124,8 @@ class Metrics:
             "Presence members this node holds (its subscriptions on --presence channels).",
             registry=r, multiprocess_mode="livesum")
         self.fanout_seconds = Histogram(
-            "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers.",
+            "wsbroker_fanout_seconds", "Time to fan one message out to local subscribers "
+            f"(one message in {FANOUT_SAMPLE_EVERY} is timed).",
             buckets=FANOUT_BUCKETS, registry=r)
         self.webhook_requests = Counter(
             "wsbroker_webhook_requests", "Webhook request attempts, by result.", ["result"],
@@ -79,7 +137,11 @@ class Metrics:
             "wsbroker_api_requests", "HTTP API requests, by endpoint path (or 'other') and "
             "status code.", ["endpoint", "status"], registry=r)
 
+        self.tally = Tally(self)
+        """The fan-out path's counts (:class:`Tally`); nothing else needs it."""
+
     def render(self) -> bytes:
+        self.tally.fold()
         if self._multiprocess_dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()

@@ -133,7 +133,7 @@ class ChannelHistory:
         delivered = 0
         for subscriber in self._subscribers:
             delivered += subscriber.deliver(message)
-        self._metrics.messages_delivered.inc(delivered)
+        self._metrics.tally.delivered(delivered)
         if self._joiners:
             for joiner in self._joiners.values():
                 joiner.held.append((offset, message))
@@ -293,7 +293,7 @@ class ChannelHistory:
             confirm(position)
         for message in replay:
             subscriber.deliver(message)
-        self._metrics.messages_delivered.inc(len(replay))
+        self._metrics.tally.delivered(len(replay))
         return position
 
     async def _read_replay(self, since: Since) -> tuple[list[tuple[int, bytes]], bool]:
