@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from wsbroker import __version__
 from wsbroker.backplane import BackplaneUnavailable
@@ -47,6 +47,9 @@ from wsbroker.config import Settings
 log = logging.getLogger("wsbroker.registry")
 
 AnyRedis = Redis | RedisCluster
+
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+"""What a Redis command may raise when Redis is down (a cluster's errors are not RedisErrors)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,7 @@ class RedisRegistry(Registry):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 await self._client.srem(self._set_key, self._node_id)
                 await self._client.delete(self._key_prefix + self._node_id.encode())
@@ -168,10 +171,11 @@ class RedisRegistry(Registry):
                 if self._failing:
                     log.info("reporting this node to Redis at %s again", self._url)
                 self._failing = False
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # the reporter must outlive anything: it retries
                 if not self._failing:
                     log.warning("cannot report this node to Redis at %s (%s); /api/info on "
-                                "other nodes will miss it until Redis is back", self._url, exc)
+                                "other nodes will miss it until Redis is back", self._url, exc,
+                                exc_info=not isinstance(exc, REDIS_FAILURES))
                 self._failing = True
             await asyncio.sleep(self.interval)
 
@@ -192,7 +196,7 @@ class RedisRegistry(Registry):
                 gone = [node for node, value in zip(ids, values, strict=True) if value is None]
                 if gone:
                     await self._client.srem(self._set_key, *gone)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BackplaneUnavailable(f"Redis did not answer: {exc}") from exc
         reports = {self._node_id: self._snapshot()}  # our own, fresher than Redis's copy
         for value in values:
@@ -213,7 +217,7 @@ class RedisRegistry(Registry):
                 else:
                     names = await self._client.execute_command(
                         "PUBSUB CHANNELS", self._channel_glob)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BackplaneUnavailable(f"Redis did not answer: {exc}") from exc
         size = len(self._prefix)
         found = {name[size:].decode(errors="replace") for name in _flatten(names)}

@@ -24,11 +24,10 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import orjson
-from redis.exceptions import RedisError
 
 from wsbroker.backplane import BackplaneUnavailable
 from wsbroker.history import Published
-from wsbroker.registry import AnyRedis
+from wsbroker.registry import REDIS_FAILURES, AnyRedis
 
 WINDOW = 300.0
 MEMORY_LIMIT = 100_000
@@ -123,7 +122,7 @@ class RedisIdempotency(Idempotency):
         try:
             result = await publish()
         except BaseException:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     await self._client.delete(redis_key)
             raise
@@ -139,7 +138,7 @@ class RedisIdempotency(Idempotency):
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
                 return await command
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             raise BackplaneUnavailable(f"Redis did not answer: {exc}") from exc
 
 
