@@ -72,6 +72,10 @@ async def test_publish_gets_offsets_one_two_three(hnode: Node) -> None:
              "offset": n} for n in (1, 2, 3)]
         again = await sub.request("subscribe", channel="chat.room")  # idempotent
         assert (again["offset"], again["epoch"]) == (3, ok["epoch"])
+        for since, recovered in ((3, True), (1, False)):  # live already: nothing replayed
+            reply = await sub.request("subscribe", channel="chat.room",
+                                      since={"offset": since, "epoch": ok["epoch"]})
+            assert (reply["offset"], reply["recovered"]) == (3, recovered)
 
 
 async def test_plain_channels_have_no_offsets(hnode: Node) -> None:

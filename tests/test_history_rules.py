@@ -93,3 +93,16 @@ def test_memory_history_sweeps_expired_channels() -> None:
     clock.now += 2
     history.sweep()
     assert len(history) == 1
+
+
+def test_memory_history_reads_any_range_of_a_long_stream() -> None:
+    history = MemoryHistory()
+    rule = HistoryRule("a", 1000)
+    for index in range(1, 1501):
+        history.publish("a", b"%d" % index, None, rule)
+    for after, count in ((0, 5), (500, 3), (700, 1000), (1495, 10), (1200, 7), (1499, 1)):
+        got = [offset for offset, _ in history.since("a", after, count, rule).entries]
+        first = max(after + 1, 501)
+        assert got == list(range(first, min(first + count, 1501))), (after, count)
+    assert [o for o, _ in history.newest("a", 3, rule).entries] == [1498, 1499, 1500]
+    assert len(history.newest("a", 5000, rule).entries) == 1000

@@ -28,11 +28,12 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from wsbroker.channels import PatternSet
-from wsbroker.protocol import encode_envelope
+from wsbroker.protocol import Since, encode_envelope
 
 if TYPE_CHECKING:  # the Redis client is imported only where Redis is used
     from redis.asyncio import Redis
@@ -71,6 +72,13 @@ class Position:
     offset: int
     epoch: str
     recovered: bool | None = None
+
+    def already_live(self, since: Since | None) -> Position:
+        """The answer to a repeated ``subscribe``: nothing is replayed, so ``since``
+        counts as recovered only if it is exactly here."""
+        if since is None:
+            return self
+        return replace(self, recovered=since.epoch == self.epoch and since.offset == self.offset)
 
     def fields(self) -> dict[str, object]:
         """The fields the ``ok`` reply carries."""
@@ -400,16 +408,21 @@ class MemoryHistory:
     def since(self, channel: str, after: int, count: int, rule: HistoryRule) -> Stream:
         kept = self._touch(channel, rule, refresh=False)
         found: list[tuple[int, bytes]] = []
-        if count > 0 and after < kept.offset and kept.entries:
-            first = kept.entries[0][0]
-            start = max(0, after + 1 - first)
-            for index in range(start, min(len(kept.entries), start + count)):
-                found.append(kept.entries[index])
+        entries = kept.entries
+        if count > 0 and after < kept.offset and entries:
+            start = max(0, after + 1 - entries[0][0])
+            stop = min(len(entries), start + count)
+            # A deque is indexed in O(n): walk from the nearer end instead.
+            if start < len(entries) - stop:
+                found = list(islice(entries, start, stop))
+            else:
+                found = list(islice(reversed(entries), len(entries) - stop,
+                                    len(entries) - start))[::-1]
         return Stream(kept.offset, kept.epoch, found)
 
     def newest(self, channel: str, count: int, rule: HistoryRule) -> Stream:
         kept = self._touch(channel, rule, refresh=False)
-        found = list(kept.entries)[-count:] if count > 0 else []
+        found = list(islice(reversed(kept.entries), count))[::-1] if count > 0 else []
         return Stream(kept.offset, kept.epoch, found)
 
     def sweep(self) -> None:

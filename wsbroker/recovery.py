@@ -257,8 +257,7 @@ class ChannelHistory:
             if self.epoch is None:
                 raise BackplaneUnavailable("cannot read the channel's history")
         if subscriber in self._subscribers:
-            position = Position(self.offset, self.epoch, None if since is None else (
-                since.epoch == self.epoch and since.offset == self.offset))
+            position = Position(self.offset, self.epoch).already_live(since)
             if confirm is not None:
                 confirm(position)
             return position

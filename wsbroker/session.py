@@ -339,10 +339,7 @@ class Session:
         self._check_read(op.id, op.channel)
         if op.channel in self.channels:
             position = self._node.hub.position(op.channel)
-            fields = position.fields() if position is not None else {}
-            if position is not None and op.since is not None:
-                fields["recovered"] = (op.since.epoch == position.epoch
-                                       and op.since.offset == position.offset)
+            fields = position.already_live(op.since).fields() if position is not None else {}
             return protocol.encode_ok(op.id, channel=op.channel, **fields)
         if len(self.channels) >= self._settings.max_subscriptions:
             raise ProtocolError(
