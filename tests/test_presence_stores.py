@@ -21,10 +21,20 @@ from tests.helpers import eventually
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
 from wsbroker.backplane import BackplaneUnavailable
+from wsbroker.backplane.memory import MemoryBackplane
+from wsbroker.channels import PatternSet
 from wsbroker.config import Settings
-from wsbroker.presence import Member, PresenceStats, PresenceStore, create_presence_store
+from wsbroker.metrics import Metrics
+from wsbroker.presence import (
+    Member,
+    PresenceService,
+    PresenceStats,
+    PresenceStore,
+    create_presence_store,
+)
 from wsbroker.presence.memory import MemoryPresenceStore
 from wsbroker.presence.redis import RedisPresenceStore
+from wsbroker.presence.service import SLICES
 
 pytestmark = pytest.mark.filterwarnings("error")  # no unclosed sockets, no stray warnings
 
@@ -202,16 +212,16 @@ async def test_members_a_node_stops_refreshing_expire_within_the_ttl(stores: Sto
         return await stores.store.stats(channel) == PresenceStats(1, 1)
 
     await eventually(only_bob, timeout=3)
-    assert loop.time() - started <= 1.3
+    assert loop.time() - started <= 1.5
     assert decoded(await stores.store.members(channel)) == [orjson.loads(BOB.json)]
 
 
 async def test_refresh_keeps_members_past_the_ttl(stores: Stores) -> None:
-    store = await stores.peer(ttl=1.0)
+    store = await stores.peer(ttl=2.0)
     channel = unique("room", stores)
     await store.add(channel, ALICE_1)
-    for _ in range(4):
-        await asyncio.sleep(0.4)  # the pace of a refresher with a 1 s TTL
+    for _ in range(6):
+        await asyncio.sleep(0.5)  # refreshed four times per TTL: 3 s in all
         assert await store.refresh({channel: [ALICE_1]}) == []
     assert await stores.store.stats(channel) == PresenceStats(1, 1)
 
@@ -263,3 +273,59 @@ async def test_redis_down_fails_reads_and_adds_but_not_removes(stores: Stores) -
     await asyncio.wait_for(stores.store.remove(channel, ALICE_1), 5)
     stores.server.start()  # empty: what it held is gone, and refresh says so
     assert await stores.store.refresh({channel: [ALICE_1]}) == [(channel, ALICE_1)]
+
+
+# -- Redis Cluster: one shard down ------------------------------------------------------
+
+
+async def test_a_shard_down_does_not_expire_the_other_shards_members(
+    redis_cluster_module: LocalCluster,
+) -> None:
+    cluster = redis_cluster_module
+    cluster.wait_ok()
+    ttl = 2.0  # refreshed every 0.67 s
+    settings = Settings(redis_url=cluster.url, redis_cluster=True, redis_prefix=PREFIX,
+                        node_id="shards", presence=PatternSet.parse([">"]), presence_ttl=ttl)
+    backplane = MemoryBackplane()  # presence needs no pub/sub here
+    service = PresenceService(settings, backplane, Metrics())
+    reader = create_presence_store(settings)
+    channels = cluster.names_per_shard(f"shard.{id(cluster)}", prefix=PREFIX)
+    await backplane.start()
+    await service.start()
+    victim = cluster.owner(PREFIX + channels[0])
+    # Redis's setting for partial availability: without it every shard refuses
+    # commands (CLUSTERDOWN) while one master is down, and nothing can be kept.
+    for node in cluster.nodes:
+        node.command("CONFIG", "SET", "cluster-require-full-coverage", "no")
+    try:
+        # Clients of one refresh slice, so that every tick's pipeline holds all three
+        # channels and the shard that is down would fail the others' refresh too.
+        candidates = (f"client-{i}" for i in range(10_000))
+        clients = [client for client in candidates if hash(client) % SLICES == 0][:3]
+        for channel, client in zip(channels, clients, strict=True):
+            await service.join(channel, Member.of(client, client))
+            assert await reader.stats(channel) == PresenceStats(1, 1)  # it knows every master
+        victim.kill()
+        await asyncio.sleep(ttl * 1.5)  # past the TTL: only refreshes keep members alive
+        for channel in channels[1:]:
+            assert await reader.stats(channel) == PresenceStats(1, 1)
+        with pytest.raises(BackplaneUnavailable):
+            await reader.stats(channels[0])
+    finally:
+        victim.start()  # same port and directory: it reloads nodes.conf, empty of data
+        for node in cluster.nodes:
+            node.command("CONFIG", "SET", "cluster-require-full-coverage", "yes")
+        await asyncio.to_thread(cluster.wait_ok)
+    try:
+        # The restarted shard lost its entries; the node's refresh writes them back.
+        async def restored() -> bool:
+            try:
+                return await reader.stats(channels[0]) == PresenceStats(1, 1)
+            except BackplaneUnavailable:
+                return False
+
+        await eventually(restored, timeout=10)
+    finally:
+        await service.stop()
+        await reader.stop()
+        await backplane.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from wsbroker.backplane.base import BackplaneUnavailable
 from wsbroker.backplane.link import client_options
 from wsbroker.config import Settings
+from wsbroker.logs import Throttled
 from wsbroker.presence.base import Member, PresenceStats, PresenceStore
 
 _CLOCK = """
@@ -113,6 +115,8 @@ drop_expired(now_ms())
 """Run before every read, in the same pipeline: the read itself is a plain
 ``HVALS``/``HLEN``, so 10,000 members are not copied through Lua and back."""
 
+log = logging.getLogger("wsbroker.presence.redis")
+
 REFRESH_CHUNK = 1000
 """Clients per refresh call, over as many channels as fit (in one slot, on a
 cluster): bounds how long one script holds Redis, and spares one command per
@@ -173,6 +177,7 @@ class RedisPresenceStore(PresenceStore):
         else:
             self._client = Redis.from_url(settings.redis_url, **options)
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._log_partial = Throttled(log, logging.WARNING)
         self._add, self._remove = _Script(ADD), _Script(REMOVE)
         self._refresh, self._expire = _Script(REFRESH), _Script(EXPIRE)
 
@@ -197,17 +202,41 @@ class RedisPresenceStore(PresenceStore):
 
     async def refresh(self, held: Mapping[str, Sequence[Member]]) -> list[tuple[str, Member]]:
         calls = self._refresh_calls(held)
+        total = len(calls)
         missing: list[tuple[str, Member]] = []
+        failures: list[BaseException] = []
         while calls:
             batch, size = [], 0
             while calls and size < PIPELINE_MEMBERS:
                 batch.append(calls.pop())
                 size += len(batch[-1].at)
-            replies = await self._pipelined(self._refresh, [
-                (call.keys, call.args) for call in batch])
-            for call, positions in zip(batch, replies, strict=True):
-                missing.extend(call.at[int(position)] for position in positions)
+            for call, reply in zip(batch, await self._refresh_batch(batch), strict=True):
+                if isinstance(reply, BaseException):
+                    failures.append(reply)
+                else:
+                    missing.extend(call.at[int(position)] for position in reply)
+        if failures:
+            self._log_partial("refresh failed for {count} call(s) (latest: %s); those "
+                              "members are refreshed again next period", failures[-1])
+            if len(failures) == total:
+                raise BackplaneUnavailable(f"Redis presence: {failures[-1]}")
         return missing
+
+    async def _refresh_batch(self, batch: list[_RefreshCall]) -> list[Any]:
+        """The script's answer per call, or the exception that call met.
+
+        On a cluster a master that is down fails the whole pipeline, so the
+        calls are then sent one by one: the other shards' members stay fresh.
+        """
+        try:
+            return await self._pipelined(self._refresh, [(call.keys, call.args)
+                                                         for call in batch])
+        except BackplaneUnavailable as exc:
+            if not self._cluster:
+                return [exc] * len(batch)
+        replies = await asyncio.gather(*(self._pipelined(self._refresh, [(call.keys, call.args)])
+                                         for call in batch), return_exceptions=True)
+        return [reply[0] if isinstance(reply, list) else reply for reply in replies]
 
     def _refresh_calls(self, held: Mapping[str, Sequence[Member]]) -> list[_RefreshCall]:
         """Channels packed into calls of at most :data:`REFRESH_CHUNK` members, and on
