@@ -12,7 +12,7 @@ import pytest
 
 from tests.api_client import KEY, api
 from tests.conftest import NodeFactory, ws_url
-from tests.helpers import Client, ServerProcess, eventually, make_token
+from tests.helpers import Client, ServerProcess, eventually, free_port, make_token
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import RedisServer
 from wsbroker.channels import PatternSet
@@ -270,3 +270,18 @@ async def _has(members: Callable[[], Any], name: str) -> bool:
 
 async def _lacks(members: Callable[[], Any], name: str) -> bool:
     return name not in await members()
+
+
+async def test_an_unreachable_cluster_answers_503_and_the_node_stops_cleanly(
+    start_node: NodeFactory,
+) -> None:
+    [node] = await fleet(start_node, f"redis://127.0.0.1:{free_port()}/0", count=1,
+                         redis_cluster=True)
+    async with api(node) as client:
+        for path in ("/api/info", "/api/channels"):
+            status, answer = await client.get(path)
+            assert (status, answer["error"]["code"]) == (503, "unavailable"), path
+        status, answer = await client.post(
+            "/api/publish", {"channel": "a", "data": 1, "idempotency_key": "k"})
+        assert (status, answer["error"]["code"]) == (503, "unavailable")
+    await node.stop()  # leaving the registry of an unreachable cluster raises nothing

@@ -167,10 +167,11 @@ class RedisRegistry(Registry):
                 if self._failing:
                     log.info("reporting this node to Redis at %s again", self._url)
                 self._failing = False
-            except REDIS_FAILURES as exc:
+            except Exception as exc:  # the reporter must outlive anything: it retries
                 if not self._failing:
                     log.warning("cannot report this node to Redis at %s (%s); /api/info on "
-                                "other nodes will miss it until Redis is back", self._url, exc)
+                                "other nodes will miss it until Redis is back", self._url, exc,
+                                exc_info=not isinstance(exc, REDIS_FAILURES))
                 self._failing = True
             await asyncio.sleep(self.interval)
 
