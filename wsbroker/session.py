@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,11 @@ class NodeServices:
 class Session:
     """Serves one WebSocket connection from welcome to close."""
 
+    deliver: Callable[[Outgoing], bool]
+    """Queue one frame without awaiting (:meth:`Outbox.put`); False if the client is
+    closing. The outbox's own method, not a wrapper: the fan-out calls it once per
+    subscriber per message, and a call layer there is measurable."""
+
     def __init__(
         self,
         node: NodeServices,
@@ -85,16 +91,13 @@ class Session:
         self._outbox = Outbox(connection, node.flusher, limit=node.settings.max_send_buffer,
                               on_overflow=self._cut_slow_consumer,
                               label=f"client {self.client_id} ({address})")
+        self.deliver = self._outbox.put
         if isinstance(connection, Connection):
             connection.outbox = self._outbox
         self._expiry: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[None]] = set()
 
     # -- writing (the rules are the Outbox's) -----------------------------------
-
-    def deliver(self, message: Outgoing) -> bool:
-        """Queue one frame without awaiting (see outbox.py); False if the client is closing."""
-        return self._outbox.put(message)
 
     def send(self, payload: bytes) -> None:
         self._outbox.put(Outgoing.of(payload))
