@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from wsbroker.backplane import Backplane, BackplaneUnavailable, MessageHandler
 from wsbroker.history import HistoryNotEnabled, HistoryPage, HistoryRules, Position, Published
@@ -42,9 +42,13 @@ from wsbroker.recovery import INSUFFICIENT_STATE, ChannelHistory, Confirm, messa
 
 log = logging.getLogger("wsbroker.hub")
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One server frame: its JSON ``payload`` and the same as a framed ``wire`` message."""
+class Outgoing(NamedTuple):
+    """One server frame: its JSON ``payload`` and the same as a framed ``wire`` message.
+
+    Immutable (it is shared by every subscriber of a message) and a tuple
+    rather than a frozen dataclass: one is built per message on the fan-out
+    path, and a frozen dataclass costs about four times as much to build.
+    """
 
     payload: bytes
     wire: bytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -283,12 +283,12 @@ class MemberEvent:
     """The member's connection, which never receives its own join or leave."""
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A backplane payload, decoded: the JSON ``data`` and where it came from.
 
     A member event (``wsb1{"event":"join"|"leave","member":{…}}``) has ``event``
-    set and no data.
+    set and no data. A tuple, not a frozen dataclass: one is decoded per
+    message on the fan-out path, and it builds in a third of the time.
     """
 
     data: bytes

@@ -377,16 +377,16 @@ class Session:
             raise ProtocolError("forbidden", "a refreshed token must have the same 'sub'", op.id)
         self.identity = fresh
         self._schedule_expiry()
-        self.send(protocol.encode_ok(op.id, expires=fresh.expires))
         member = self._member()
-        for channel in sorted(self.channels):
-            if not self._may_read(channel):
-                self.channels.discard(channel)
-                await self._node.hub.unsubscribe(channel, self)
-                await self._node.presence.leave(channel, member)
-                self.send(protocol.encode_unsubscribed(channel, "forbidden"))
-            elif fresh.info != identity.info:
-                await self._node.presence.update(channel, member)
+        kept = sorted(channel for channel in self.channels if self._may_read(channel))
+        if fresh.info != identity.info:  # others see the new info by the time of the ok
+            await asyncio.gather(*(self._node.presence.update(channel, member)
+                                   for channel in kept))
+        self.send(protocol.encode_ok(op.id, expires=fresh.expires))
+        for channel in sorted(self.channels.difference(kept)):
+            self.channels.discard(channel)
+            await self._leave(channel, member)
+            self.send(protocol.encode_unsubscribed(channel, "forbidden"))
         return None
 
 
