@@ -109,15 +109,20 @@ class Outbox:
         queue.clear()
         self._queued = 0
 
-    def after_read(self) -> None:
+    def after_read(self, wrote: bool) -> None:
         """Websockets has answered what it read (PONGs, a close): hold the limit for it too.
 
         A client that floods PINGs and never reads would otherwise make the node
-        queue PONGs without bound. Such a client is cut and no longer read:
-        whatever it sends next could only add PONGs.
+        queue PONGs without bound. When its own frames made us write past the
+        limit, it is no longer read (whatever it sends next could only add more);
+        a client merely behind on our frames is still read, so it can complete
+        the close.
         """
-        if not self._cut and self._transport.get_write_buffer_size() > self._limit:
+        if self._transport.get_write_buffer_size() <= self._limit:
+            return
+        if wrote:
             self._transport.pause_reading()
+        if not self._cut:
             self._overflow()
 
     def _overflow(self) -> None:
@@ -169,7 +174,10 @@ class Connection(ServerConnection):
     outbox: Outbox | None = None
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
         outbox = self.outbox
-        if outbox is not None:
-            outbox.after_read()
+        if outbox is None:
+            super().data_received(data)
+            return
+        before = self.transport.get_write_buffer_size()
+        super().data_received(data)
+        outbox.after_read(self.transport.get_write_buffer_size() > before)
