@@ -46,6 +46,7 @@ from wsbroker.backplane.link import (
     redact_url,
     supervise,
 )
+from wsbroker.backplane.pipelining import Pipeliner
 from wsbroker.config import Settings
 from wsbroker.history import (
     HistoryRule,
@@ -96,6 +97,7 @@ class RedisBackplane(Backplane):
         url_options: dict[str, Any] = dict(parse_url(self._url))
         sub_class: type[AbstractConnection] = url_options.pop("connection_class", Connection)
         self._pub: Redis = publishing_client(self._url, pub_options)
+        self._publisher = Pipeliner(self._pub, "PUBLISH")
         # Wanted channels: prefixed Redis name → our name (the reader's lookup
         # table), and → the token of the subscribe call that added it.
         self._names: dict[bytes, str] = {}
@@ -148,6 +150,7 @@ class RedisBackplane(Backplane):
         self._up = False
         self._names.clear()
         self._tokens.clear()
+        await self._publisher.close()
         await self._pub.aclose()
 
     async def subscribe(self, channel: str) -> None:
@@ -202,7 +205,7 @@ class RedisBackplane(Backplane):
         if not self._up:
             raise BackplaneUnavailable("Redis is unavailable")
         try:
-            await self._pub.publish(self._prefix + channel.encode(), payload)
+            await self._publisher.send(self._prefix + channel.encode(), payload)
         except (RedisError, OSError) as exc:
             self._sub.poke()  # check the subscriber connection now, not in 5 s
             raise BackplaneUnavailable(f"Redis publish failed: {exc}") from exc
