@@ -62,6 +62,7 @@ import functools
 import itertools
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,6 +73,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError, RedisError
 
 from wsbroker.backplane.base import Backplane, BackplaneUnavailable
+from wsbroker.backplane.functions import FunctionHistory
 from wsbroker.backplane.link import (
     CONFIRM_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -90,12 +92,8 @@ from wsbroker.backplane.link import (
 )
 from wsbroker.config import Settings
 from wsbroker.history import (
-    HistoryRule,
-    Published,
-    Stream,
     call_function,
     load_library,
-    parse_stream,
 )
 
 log = logging.getLogger("wsbroker.backplane.cluster")
@@ -134,8 +132,10 @@ class _Shard:
         return self.sub.link
 
 
-class ClusterBackplane(Backplane):
+class ClusterBackplane(FunctionHistory, Backplane):
     """SSUBSCRIBE on one link per master, SPUBLISH to the slot's owner."""
+
+    publish_function = "wsb_spublish"
 
     ping_interval: float = 5.0
     """Seconds of silence on a subscriber link before we PING it."""
@@ -297,6 +297,17 @@ class ClusterBackplane(Backplane):
             log.debug("sunsubscribe %s not confirmed; the link is going away", channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:
+        await self._on_owner(channel, "publish",
+                             lambda shard, key: shard.pub.spublish(key, payload))
+
+    async def fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
+        return await self._on_owner(
+            channel, "history call",
+            lambda shard, key: call_function(shard.pub, function, key, *args))
+
+    async def _on_owner(self, channel: str, what: str,
+                        call: Callable[[_Shard, bytes], Awaitable[Any]]) -> Any:
+        """``call`` on the master that owns ``channel``'s slot, following MOVED."""
         self._require_map()
         key = self._prefix + channel.encode()
         for redirects in itertools.count():
@@ -304,50 +315,16 @@ class ClusterBackplane(Backplane):
             if shard.down:
                 raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable")
             try:
-                await shard.pub.spublish(key, payload)
-                return
+                return await call(shard, key)
             except MovedError as exc:
                 if redirects >= MAX_REDIRECTS:
-                    raise BackplaneUnavailable(f"Redis publish redirected too often: {exc}"
+                    raise BackplaneUnavailable(f"Redis {what} redirected too often: {exc}"
                                                ) from exc
                 self._learn_moved(exc, shard)
             except (RedisError, OSError) as exc:
                 shard.sub.poke()  # check that shard's link now, not in 5 s
-                raise BackplaneUnavailable(f"Redis publish to {shard.name} failed: {exc}"
+                raise BackplaneUnavailable(f"Redis {what} on {shard.name} failed: {exc}"
                                            ) from exc
-
-    async def publish_history(self, channel: str, data: bytes, sender: str | None,
-                              rule: HistoryRule) -> Published:
-        reply = await self._fcall("wsb_spublish", channel, data, rule.size, rule.ttl,
-                                  *((sender.encode(),) if sender is not None else ()))
-        return Published(int(reply[0]), reply[1].decode())
-
-    async def read_since(self, channel: str, after: int, count: int,
-                         rule: HistoryRule) -> Stream:
-        return parse_stream(await self._fcall("wsb_since", channel, after, count, rule.ttl))
-
-    async def read_newest(self, channel: str, count: int, rule: HistoryRule) -> Stream:
-        return parse_stream(await self._fcall("wsb_newest", channel, count, rule.ttl))
-
-    async def _fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
-        """One FCALL on the owner of ``channel``'s slot, following MOVED like publish."""
-        self._require_map()
-        key = self._prefix + channel.encode()
-        for redirects in itertools.count():
-            shard = self._shard_for(key)
-            if shard.down:
-                raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} is unavailable")
-            try:
-                return await call_function(shard.pub, function, key, *args)
-            except MovedError as exc:
-                if redirects >= MAX_REDIRECTS:
-                    raise BackplaneUnavailable(f"Redis history call redirected too often: "
-                                               f"{exc}") from exc
-                self._learn_moved(exc, shard)
-            except (RedisError, OSError) as exc:
-                shard.sub.poke()
-                raise BackplaneUnavailable(f"Redis history call on {shard.name} failed: "
-                                           f"{exc}") from exc
         raise AssertionError("unreachable")
 
     async def _load_library(self, shard: _Shard) -> None:

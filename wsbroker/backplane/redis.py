@@ -27,6 +27,7 @@ from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import RedisError
 
 from wsbroker.backplane.base import Backplane, BackplaneUnavailable
+from wsbroker.backplane.functions import FunctionHistory
 from wsbroker.backplane.link import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -49,12 +50,8 @@ from wsbroker.backplane.link import (
 from wsbroker.backplane.pipelining import Pipeliner
 from wsbroker.config import Settings
 from wsbroker.history import (
-    HistoryRule,
-    Published,
-    Stream,
     call_function,
     load_library,
-    parse_stream,
 )
 from wsbroker.tasks import cancel_and_wait
 
@@ -75,8 +72,10 @@ __all__ = [  # the constants and helpers moved to link.py stay importable from h
 log = logging.getLogger("wsbroker.backplane.redis")
 
 
-class RedisBackplane(Backplane):
+class RedisBackplane(FunctionHistory, Backplane):
     """Dynamic SUBSCRIBE on one dedicated connection, PUBLISH through a small pool."""
+
+    publish_function = "wsb_publish"
 
     ping_interval: float = 5.0
     """Seconds of silence on the subscriber connection before we PING it."""
@@ -210,20 +209,7 @@ class RedisBackplane(Backplane):
             self._sub.poke()  # check the subscriber connection now, not in 5 s
             raise BackplaneUnavailable(f"Redis publish failed: {exc}") from exc
 
-    async def publish_history(self, channel: str, data: bytes, sender: str | None,
-                              rule: HistoryRule) -> Published:
-        reply = await self._fcall("wsb_publish", channel, data, rule.size, rule.ttl,
-                                  *((sender.encode(),) if sender is not None else ()))
-        return Published(int(reply[0]), reply[1].decode())
-
-    async def read_since(self, channel: str, after: int, count: int,
-                         rule: HistoryRule) -> Stream:
-        return parse_stream(await self._fcall("wsb_since", channel, after, count, rule.ttl))
-
-    async def read_newest(self, channel: str, count: int, rule: HistoryRule) -> Stream:
-        return parse_stream(await self._fcall("wsb_newest", channel, count, rule.ttl))
-
-    async def _fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
+    async def fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
         if not self._up:
             raise BackplaneUnavailable("Redis is unavailable")
         try:
