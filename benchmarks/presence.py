@@ -16,7 +16,7 @@ harness, its raw-socket members and Redis on core 1), then measures:
    their CPU per event, and the wall time until every subscriber had every frame.
 
 Members are the load generator's raw ``asyncio.Protocol`` subscribers
-(``benchmarks/loadgen.py``), each with a token of its own: ``sub`` is
+(``wsbroker.bench.subscribers``), each with a token of its own: ``sub`` is
 ``bench-<i>`` on both nodes, so 10,000 members are 5,000 distinct users.
 """
 
@@ -43,6 +43,7 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks import loadgen, processes
+from wsbroker.bench.subscribers import Audience, Endpoint, connect_all
 from wsbroker.config import Settings
 from wsbroker.presence import Member
 from wsbroker.presence.redis import RedisPresenceStore
@@ -53,6 +54,11 @@ ROOM = "bench.room.0"
 JL_NAME = "bench.jl"
 JL_ROOM = "bench.jl.0"
 
+
+
+def audience(port: int, secret: str) -> Audience:
+    """Raw subscribers for one node, each with a token of its own."""
+    return Audience(Endpoint.from_url(f"ws://127.0.0.1:{port}/ws"), mint=loadgen.minter(secret))
 
 def node_cmd(port: int, redis_port: int, secret: str, node_id: str) -> list[str]:
     return [processes.PYTHON, "-m", "wsbroker", "serve", "--host", "127.0.0.1",
@@ -115,10 +121,10 @@ async def timed(rounds: int, call: Callable[[], Awaitable[object]]) -> dict[str,
 async def members_phase(args: argparse.Namespace, ports: list[int], secret: str,
                         rds: redis.Redis, redis_port: int) -> dict[str, Any]:
     per_node = args.members // len(ports)
-    gens = [loadgen.Generator("127.0.0.1", port, "/ws", token_secret=secret) for port in ports]
+    gens = [audience(port, secret) for port in ports]
     calls_before = script_calls(rds)
     started = time.perf_counter()
-    await asyncio.gather(*(loadgen.connect_all(gen, per_node, 1, 100, name="bench.room")
+    await asyncio.gather(*(connect_all(gen, per_node, 1, 100, name="bench.room")
                            for gen in gens))
     joined_in = time.perf_counter() - started
     subscribed = sum(gen.subscribed for gen in gens)
@@ -172,8 +178,8 @@ async def members_phase(args: argparse.Namespace, ports: list[int], secret: str,
 async def fanout_phase(args: argparse.Namespace, ports: list[int], pids: list[int],
                        secret: str) -> dict[str, Any]:
     per_node = args.listeners // len(ports)
-    gens = [loadgen.Generator("127.0.0.1", port, "/ws", token_secret=secret) for port in ports]
-    await asyncio.gather(*(loadgen.connect_all(gen, per_node, 1, 100, name=JL_NAME)
+    gens = [audience(port, secret) for port in ports]
+    await asyncio.gather(*(connect_all(gen, per_node, 1, 100, name=JL_NAME)
                            for gen in gens))
     listeners = sum(gen.subscribed for gen in gens)
 
