@@ -20,13 +20,14 @@ import orjson
 import pytest
 import trustme
 
-from tests.helpers import SECRET, ServerProcess
+from tests.helpers import SECRET, ServerProcess, free_port
 from tests.redis_server import RedisServer
 from tests.test_tls import https_get
 from wsbroker.bench.messages import message
 from wsbroker.bench.subscribers import Audience, Endpoint, Subscriber
 
 BENCH_LIMIT = 60.0
+API_KEY = "bench-api-key-0123456789abcdef"
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -156,3 +157,32 @@ async def test_duplicates_gaps_and_stragglers_are_told_apart() -> None:
     subscriber.data_received(stream[50:])
     counters = audience.counters
     assert (counters.unique, counters.dups, counters.gaps, counters.late) == (2, 1, 1, 1)
+
+
+def test_publishing_through_the_http_api(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess]
+) -> None:
+    api_port = free_port()
+    node = server_process("--jwt-secret", SECRET, "--redis-url", redis_server.url,
+                          "--api-port", str(api_port), "--api-key", API_KEY)
+    result = bench(node.url, "--jwt-secret", SECRET, "--api-url",
+                   f"http://127.0.0.1:{api_port}", "--api-key", API_KEY,
+                   "--subscribers", "20", "--channels", "2", "--rate", "100",
+                   "--duration", "0.5", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = report(result)
+    assert figures["deliveries"]["expected"] == figures["deliveries"]["delivered"] == 500
+
+
+def test_a_refusing_api_is_a_clear_failure(
+    redis_server: RedisServer, server_process: Callable[..., ServerProcess]
+) -> None:
+    api_port = free_port()
+    node = server_process("--jwt-secret", SECRET, "--api-port", str(api_port),
+                          "--api-key", API_KEY)
+    result = bench(node.url, "--jwt-secret", SECRET, "--api-url",
+                   f"http://127.0.0.1:{api_port}", "--api-key", "wrong-key-0123456789abcdef",
+                   "--subscribers", "2", "--rate", "10", "--duration", "0.2")
+    assert result.returncode == 1
+    assert "publishing failed" in result.stderr and "401" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -25,12 +25,25 @@ import sys
 import time
 from typing import Any
 
+import aiohttp
 import jwt
 import orjson
 
 from wsbroker.bench.progress import Progress
-from wsbroker.bench.publishers import Published, Publisher, RedisPublisher, publish_paced
+from wsbroker.bench.publishers import (
+    ApiPublisher,
+    Published,
+    Publisher,
+    PublishFailed,
+    RedisPublisher,
+    publish_paced,
+)
 from wsbroker.bench.subscribers import Audience, Endpoint, connect_all, step_report
+from wsbroker.redis_errors import REDIS_FAILURES
+
+PUBLISH_FAILURES: tuple[type[Exception], ...] = (
+    PublishFailed, aiohttp.ClientError, *REDIS_FAILURES)
+"""What a publisher that cannot reach its backend raises: the run ends, without figures."""
 
 DRAIN_SECONDS = 5.0
 """How long deliveries may trail the last publish before the rest count as lost."""
@@ -47,6 +60,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="mint an HS256 token per subscriber instead [WSB_JWT_SECRET]")
     parser.add_argument("--redis-url", default=None,
                         help="publish through this Redis, as a backend does [WSB_REDIS_URL]")
+    parser.add_argument("--api-url", default=None,
+                        help="publish through this node's HTTP API instead, e.g. "
+                             "http://127.0.0.1:8766 [WSB_API_URL]")
+    parser.add_argument("--api-key", default=None, help="key for --api-url [WSB_API_KEY]")
     parser.add_argument("--redis-prefix", default=None, help="[WSB_REDIS_PREFIX, default ws:]")
     parser.add_argument("--redis-cluster", action="store_true", default=None,
                         help="the Redis URL names a Redis Cluster node [WSB_REDIS_CLUSTER]")
@@ -81,6 +98,8 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         token=args.token or (None if args.jwt_secret else env.get("WSB_TOKEN")),
         jwt_secret=args.jwt_secret or (None if args.token else env.get("WSB_JWT_SECRET")),
         redis_url=args.redis_url or env.get("WSB_REDIS_URL"),
+        api_url=args.api_url or env.get("WSB_API_URL"),
+        api_key=args.api_key or env.get("WSB_API_KEY"),
         redis_prefix=args.redis_prefix or env.get("WSB_REDIS_PREFIX") or "ws:",
         redis_cluster=bool(args.redis_cluster)
         or env.get("WSB_REDIS_CLUSTER", "").lower() in ("1", "true", "yes", "on"),
@@ -100,7 +119,11 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         import uvloop
 
         runner = uvloop.run
-    report = runner(settings.measure())
+    try:
+        report = runner(settings.measure())
+    except PUBLISH_FAILURES as exc:
+        print(f"wsbroker bench: publishing failed, no figures: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:
@@ -114,12 +137,14 @@ class _Run:
     """One bench run's settings, and the run itself."""
 
     def __init__(self, *, url: str, token: str | None, jwt_secret: str | None,
-                 redis_url: str | None, redis_prefix: str, redis_cluster: bool,
+                 redis_url: str | None, api_url: str | None, api_key: str | None,
+                 redis_prefix: str, redis_cluster: bool,
                  subscribers: int, channels: int, rate: float, duration: float, size: int,
                  name: str, concurrency: int, ca_file: str | None) -> None:
         self.url, self.token, self.jwt_secret = url, token, jwt_secret
         self.redis_url, self.redis_prefix, self.redis_cluster = (
             redis_url, redis_prefix, redis_cluster)
+        self.api_url, self.api_key = api_url, api_key
         self.subscribers, self.channels = subscribers, channels
         self.rate, self.duration, self.size = rate, duration, size
         self.name, self.concurrency, self.ca_file = name, concurrency, ca_file
@@ -127,9 +152,14 @@ class _Run:
     def check(self) -> None:
         if not (self.token or self.jwt_secret):
             raise UsageError("bench: set --token (WSB_TOKEN) or --jwt-secret (WSB_JWT_SECRET)")
-        if not self.redis_url:
-            raise UsageError("bench: set --redis-url (WSB_REDIS_URL): the publisher "
-                             "writes to Redis as a backend does")
+        if self.api_url:
+            if not self.api_key:
+                raise UsageError("bench: --api-url needs --api-key (WSB_API_KEY)")
+            if not self.api_url.startswith(("http://", "https://")):
+                raise UsageError("bench: --api-url must be an http:// or https:// URL")
+        elif not self.redis_url:
+            raise UsageError("bench: set --redis-url (WSB_REDIS_URL), or --api-url and "
+                             "--api-key: the publisher writes as a backend does")
         if self.subscribers < 1 or self.channels < 1 or self.channels > self.subscribers:
             raise UsageError("bench: need 1 ≤ --channels ≤ --subscribers")
         if self.rate <= 0 or self.duration <= 0 or self.size < 40:
@@ -181,8 +211,10 @@ class _Run:
 
     async def _publish(self, audience: Audience, progress: Progress,
                        per_channel: list[int]) -> Published:
-        publisher: Publisher = RedisPublisher(self.redis_url or "", self.redis_prefix,
-                                              cluster=self.redis_cluster)
+        publisher: Publisher = (
+            ApiPublisher(self.api_url, self.api_key or "") if self.api_url
+            else RedisPublisher(self.redis_url or "", self.redis_prefix,
+                                cluster=self.redis_cluster))
         names = [f"{self.name}.{i}" for i in range(self.channels)]
 
         def tick(published: Published) -> None:

@@ -46,6 +46,40 @@ class RedisPublisher:
         await self._client.aclose()
 
 
+class ApiPublisher:
+    """``POST /api/publish`` per message through the HTTP API, on keep-alive connections."""
+
+    CONNECTIONS = 32
+
+    def __init__(self, api_url: str, api_key: str) -> None:
+        import aiohttp
+
+        self._url = api_url.rstrip("/") + "/api/publish"
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.CONNECTIONS),
+            headers={"Authorization": f"Bearer {api_key}",
+                     "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        )
+
+    async def publish(self, batch: Sequence[tuple[str, bytes]]) -> None:
+        await asyncio.gather(*(self._post(channel, payload) for channel, payload in batch))
+
+    async def _post(self, channel: str, payload: bytes) -> None:
+        body = b'{"channel":"%s","data":%s}' % (channel.encode(), payload)
+        async with self._session.post(self._url, data=body) as response:
+            if response.status != 200:
+                raise PublishFailed(f"POST /api/publish answered {response.status}: "
+                                    f"{(await response.text())[:200]}")
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class PublishFailed(Exception):
+    """The backend refused a publish; the run cannot count on its deliveries."""
+
+
 @dataclass(slots=True)
 class Published:
     """What a paced run sent: in all, per channel, and how fast."""
