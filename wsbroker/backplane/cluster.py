@@ -90,6 +90,7 @@ from wsbroker.backplane.link import (
     redact_url,
     supervise,
 )
+from wsbroker.backplane.pipelining import Pipeliner
 from wsbroker.config import Settings
 from wsbroker.history import (
     call_function,
@@ -119,6 +120,8 @@ class _Shard:
     port: int
     pub: Redis
     sub: SubscriberLink = field(init=False)
+    publisher: Pipeliner = field(init=False)
+    """SPUBLISHes made in one loop turn, in one pipeline (see pipelining.py)."""
     up: bool = False
     down: bool = False
     """A connect attempt failed or the link was lost, and it is not back yet."""
@@ -298,7 +301,7 @@ class ClusterBackplane(FunctionHistory, Backplane):
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self._on_owner(channel, "publish",
-                             lambda shard, key: shard.pub.spublish(key, payload))
+                             lambda shard, key: shard.publisher.send(key, payload))
 
     async def fcall(self, function: str, channel: str, *args: bytes | int) -> Any:
         return await self._on_owner(
@@ -363,6 +366,7 @@ class ClusterBackplane(FunctionHistory, Backplane):
                                                path="").geturl()
             shard = _Shard(name, host, port, publishing_client(url, self._pub_options))
             shard.sub = self._subscriber(shard)
+            shard.publisher = Pipeliner(shard.pub, "SPUBLISH")
             self._shards[name] = shard
             if self._running:
                 shard.task = asyncio.create_task(self._supervise(shard),
@@ -535,6 +539,7 @@ class ClusterBackplane(FunctionHistory, Backplane):
             await asyncio.gather(shard.library, return_exceptions=True)
         await shard.sub.stop()
         shard.up = False
+        await shard.publisher.close()
         await shard.pub.aclose()
 
     def _forget(self, key: bytes) -> None:
