@@ -287,6 +287,28 @@ async def test_a_migrated_slot_keeps_delivering(
         assert backplane(node).is_up
 
 
+async def test_a_node_publishing_to_a_moved_slot_follows_moved(
+    cluster: LocalCluster, start_node: NodeFactory,
+) -> None:
+    """The publishing node's slot map is stale after the move: the old owner answers
+    MOVED inside the shard's publish pipeline, and the publish is re-routed."""
+    channel = cluster.names_per_shard("forward", PREFIX)[0]
+    key = PREFIX + channel
+    slot = cluster.slot(key)
+    source = cluster.owner(key)
+    target = next(node for node in cluster.nodes if node is not source)
+    subscriber_node, publisher_node = await start_cluster_nodes(start_node, cluster, 2)
+    async with Client.connect(ws_url(subscriber_node), make_token()) as client:
+        await client.subscribe(channel)
+        try:
+            move_slot(cluster, slot, source, target)
+            await eventually(lambda: cluster.shardnumsub(key) == {key: 1})
+            await publisher_node.backplane.publish(channel, b'"forwarded"')
+            assert (await client.next_message())["data"] == "forwarded"
+        finally:
+            move_slot(cluster, slot, target, source)
+
+
 def move_slot(cluster: LocalCluster, slot: int, source: ClusterNode,
               target: ClusterNode) -> None:
     """Hand ``slot`` (no keys in it) from ``source`` to ``target``, telling every master."""
