@@ -255,6 +255,16 @@ def start_local_cluster() -> LocalCluster:
     return cluster
 
 
+@pytest.fixture
+def cluster_with_replica() -> Iterator[tuple[LocalCluster, ClusterNode]]:
+    """A cluster of its own (it is reshaped): the second master has one replica."""
+    local = start_local_cluster()
+    try:
+        yield local, local.add_replica(local.nodes[1])
+    finally:
+        local.close()
+
+
 @pytest.fixture(scope="module")
 def redis_cluster_module() -> Iterator[LocalCluster]:
     """A cluster shared by a module's tests; a test that kills a shard heals it."""

@@ -16,14 +16,14 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import NodeFactory, http_url, ws_url
 from tests.helpers import Client, eventually, http_status, make_token
-from tests.redis_cluster import ClusterNode, LocalCluster, start_local_cluster
+from tests.redis_cluster import ClusterNode, LocalCluster
 from wsbroker.backplane import BackplaneUnavailable, create_backplane
 from wsbroker.backplane.cluster import ClusterBackplane
 from wsbroker.config import Settings
@@ -321,16 +321,6 @@ def move_slot(cluster: LocalCluster, slot: int, source: ClusterNode,
     for node in cluster.nodes:
         if node is not source and node is not target:
             node.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-
-
-@pytest.fixture
-def cluster_with_replica() -> Iterator[tuple[LocalCluster, ClusterNode]]:
-    """A cluster of its own (it is reshaped): the second master has one replica."""
-    local = start_local_cluster()
-    try:
-        yield local, local.add_replica(local.nodes[1])
-    finally:
-        local.close()
 
 
 async def test_a_failover_moves_subscriptions_to_the_promoted_replica(

@@ -9,14 +9,14 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import NodeFactory, ws_url
 from tests.helpers import Client, clean_env, eventually, make_token
-from tests.redis_cluster import ClusterNode, LocalCluster, start_local_cluster
+from tests.redis_cluster import ClusterNode, LocalCluster
 from wsbroker.history import HistoryRules, history_keys
 from wsbroker.server import Node
 
@@ -143,16 +143,6 @@ async def test_node_recovers_a_shard_whose_link_dropped(
             message = await sub.next_message(timeout=15)
             got[message["channel"]].append(message["offset"])
         assert got == {channel: [1, 2] for channel in names}
-
-
-@pytest.fixture
-def cluster_with_replica() -> Iterator[tuple[LocalCluster, ClusterNode]]:
-    """A cluster of its own (it is reshaped): the second master has one replica."""
-    local = start_local_cluster()
-    try:
-        yield local, local.add_replica(local.nodes[1])
-    finally:
-        local.close()
 
 
 async def test_history_survives_a_failover_with_the_same_epoch(
