@@ -35,7 +35,10 @@ import pytest
 
 from tests.helpers import SECRET, WAIT, Client, ServerProcess, free_port, make_token
 from wsbroker.config import OPTIONS, parse_duration
-from wsbroker.server import PING_INTERVAL
+from wsbroker.keepalive import PING_INTERVAL, SWEEP
+
+LONGEST_SILENCE = PING_INTERVAL + SWEEP
+"""The longest a healthy connection goes without a byte: a quiet client is pinged then."""
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -380,7 +383,7 @@ def test_kubernetes_manifests_are_consistent(manifests: dict[str, dict[str, Any]
     ingress = manifests["Ingress"]
     annotations = ingress["metadata"]["annotations"]
     for name in ("proxy-read-timeout", "proxy-send-timeout"):
-        assert float(annotations[f"nginx.ingress.kubernetes.io/{name}"]) > PING_INTERVAL
+        assert float(annotations[f"nginx.ingress.kubernetes.io/{name}"]) > LONGEST_SILENCE
     backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"]
                 for path in rule["http"]["paths"]]
     assert backends and all(b["name"] == service["metadata"]["name"] for b in backends)
@@ -430,11 +433,11 @@ def test_compose_file_is_consistent() -> None:
 def test_proxy_idle_timeouts_exceed_the_ping_interval() -> None:
     haproxy = (DEPLOY / "haproxy.cfg").read_text()
     tunnel = re.search(r"^\s*timeout tunnel (\S+)", haproxy, re.MULTILINE)
-    assert tunnel and parse_duration(tunnel.group(1)) > PING_INTERVAL
+    assert tunnel and parse_duration(tunnel.group(1)) > LONGEST_SILENCE
     nginx = (DEPLOY / "nginx.conf").read_text()
     for directive in ("proxy_read_timeout", "proxy_send_timeout"):
         found = re.search(rf"^\s*{directive} (\S+);", nginx, re.MULTILINE)
-        assert found and parse_duration(found.group(1)) > PING_INTERVAL
+        assert found and parse_duration(found.group(1)) > LONGEST_SILENCE
 
 
 # -- deploy/make-certs.sh ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from websockets.exceptions import InvalidStatus
 from tests.conftest import NodeFactory, ws_url
 from tests.helpers import SECRET, WAIT, Client, ServerProcess, eventually, http_get, make_token
 from wsbroker.config import RateLimit
-from wsbroker.outbox import CLOSE_TIMEOUT
+from wsbroker.connection import CLOSE_TIMEOUT
 from wsbroker.server import Node
 
 

@@ -412,6 +412,17 @@ class Verifier:
             self._verified.put(token, identity)
         return identity
 
+    def verify_now(self, token: str) -> Identity | None:
+        """The token's :class:`Identity` when no key has to be fetched for it (a
+        static key, or a token verified before), else None: then await
+        :meth:`verify`. Lets a handshake be decided without a task."""
+        self._forget_withdrawn_keys()
+        identity = self._verified.get(token)
+        if identity is None and self._jwks is None:
+            identity = self._decode(token, self._static_key, self._algorithms)
+            self._verified.put(token, identity)
+        return identity
+
     async def _verify(self, token: str) -> Identity:
         if self._jwks is None:
             return self._decode(token, self._static_key, self._algorithms)

@@ -14,56 +14,44 @@ The rules live here, each in one place:
 * the send-buffer limit (``--max-send-buffer``) holds whoever wrote the bytes:
   our frames, checked at each turn's first frame, and websockets' own control
   frames (the PONG it owes for every PING), checked after each read;
-* a close aborts the connection if the client has not completed the handshake
-  within :data:`CLOSE_TIMEOUT`.
+* our close frame goes out right behind what is queued (the connection then
+  gives the client :data:`~wsbroker.connection.CLOSE_TIMEOUT` to complete it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 
-from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from wsbroker.batching import FlushScheduler
+from wsbroker.connection import ClientConnection
 from wsbroker.hub import Outgoing
-
-log = logging.getLogger("wsbroker.session")
-
-CLOSE_TIMEOUT = 5.0
-"""Seconds a client has to answer our close frame before the connection is dropped."""
 
 EARLY_FLUSH_BYTES = 64 * 1024
 """Frames queued in one turn beyond this go to the socket at once, so the
 slow-consumer limit keeps measuring what the client has not read."""
 
-MAX_CLOSE_REASON_BYTES = 123  # a close frame is a control frame: 125 bytes with the code
-
 
 class Outbox:
     """The outgoing side of one connection: queue, flush, bound, close."""
 
-    __slots__ = ("_closing", "_compressed", "_connection", "_cut", "_flush_scheduled",
-                 "_flusher", "_label", "_limit", "_on_overflow", "_queue", "_queued",
-                 "_transport", "_ws")
+    __slots__ = ("_compressed", "_connection", "_cut", "_flush_scheduled", "_flusher",
+                 "_limit", "_on_overflow", "_queue", "_queued", "_transport", "_ws")
 
-    def __init__(self, connection: ServerConnection, flusher: FlushScheduler, *,
-                 limit: int, on_overflow: Callable[[], None], label: str) -> None:
+    def __init__(self, connection: ClientConnection, flusher: FlushScheduler, *,
+                 limit: int, on_overflow: Callable[[], None]) -> None:
         self._connection = connection
-        self._ws = connection.protocol
+        self._ws = connection.ws
         self._transport = connection.transport
-        self._compressed = bool(connection.protocol.extensions)
+        self._compressed = bool(connection.ws.extensions)
         self._flusher = flusher
         self._limit = limit
         self._on_overflow = on_overflow
-        self._label = label
         self._queue: list[bytes] = []
         self._queued = 0
         self._flush_scheduled = False
         self._cut = False
-        self._closing: asyncio.TimerHandle | None = None
 
     def put(self, message: Outgoing) -> bool:
         """Queue one frame without awaiting; False if the client takes nothing more.
@@ -82,7 +70,7 @@ class Outbox:
                 return False
             if self._compressed:  # a per-connection deflate context: frame it now
                 self._ws.send_text(message.payload)
-                self._connection.send_data()
+                self._connection.send_pending()
                 return True
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -121,7 +109,7 @@ class Outbox:
         if self._transport.get_write_buffer_size() <= self._limit:
             return
         if wrote:
-            self._transport.pause_reading()
+            self._connection.stop_reading()
         if not self._cut:
             self._overflow()
 
@@ -130,54 +118,8 @@ class Outbox:
         self._on_overflow()
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake now, from any callback (timers, fan-out, drain).
-
-        The close frame is written straight after whatever is queued, and the
-        connection is aborted if the client has not completed the handshake
-        within :data:`CLOSE_TIMEOUT`. (websockets' own ``close()`` first waits
-        for the send buffer to drain, without a deadline: a client that stopped
-        reading would hold its connection and buffer forever.)
-        """
-        if self._closing is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._closing = loop.call_later(CLOSE_TIMEOUT, self._abort)
-        if self._ws.state is State.OPEN:
-            if self._queue:
-                self._write_queue()
-            self._ws.send_close(code, fit_close_reason(reason))
-            self._connection.send_data()
-
-    def _abort(self) -> None:
-        if not self._connection.connection_lost_waiter.done():
-            log.info("%s did not complete the closing handshake in %.0fs; "
-                     "dropping the connection", self._label, CLOSE_TIMEOUT)
-            self._transport.abort()
-
-    def discard(self) -> None:
-        """The connection is gone: stop the abort timer."""
-        if self._closing is not None:
-            self._closing.cancel()
-
-
-def fit_close_reason(reason: str) -> str:
-    """Shorten ``reason`` to what a close frame can carry, on a character boundary."""
-    encoded = reason.encode()
-    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
-        return reason
-    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
-
-
-class Connection(ServerConnection):
-    """A server connection that lets its outbox check the limit after each read."""
-
-    outbox: Outbox | None = None
-
-    def data_received(self, data: bytes) -> None:
-        outbox = self.outbox
-        if outbox is None:
-            super().data_received(data)
-            return
-        before = self.transport.get_write_buffer_size()
-        super().data_received(data)
-        outbox.after_read(self.transport.get_write_buffer_size() > before)
+        """Start the closing handshake now, from any callback (timers, fan-out, drain):
+        the close frame is written straight after whatever is queued."""
+        if self._ws.state is State.OPEN and self._queue:
+            self._write_queue()
+        self._connection.close(code, reason)

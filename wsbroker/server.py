@@ -1,8 +1,9 @@
-"""A wsbroker node: the websockets server, its handshake rules and its graceful drain.
+"""A wsbroker node: its listening socket, its handshake rules and its graceful drain.
 
 The handshake decides everything that can be decided before a WebSocket
 exists (route, origin, capacity, a token given in the header or URL), so a
 refused client gets a plain HTTP answer and costs no connection state.
+Connections are served on websockets' Sans-I/O protocol (connection.py).
 """
 
 from __future__ import annotations
@@ -13,25 +14,26 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.http11 import Request, Response
 
 from wsbroker import http
 from wsbroker.api import ApiServer, create_api
-from wsbroker.auth import AuthError, Identity, Verifier
+from wsbroker.auth import AuthError, Verifier
 from wsbroker.backplane import Backplane, create_backplane
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
+from wsbroker.connection import CLOSE_TIMEOUT, ClientConnection, ConnectionOptions, Verdict
 from wsbroker.control import Control
 from wsbroker.hub import Hub
+from wsbroker.keepalive import Keepalive
 from wsbroker.logs import Throttled
 from wsbroker.metrics import CONTENT_TYPE, Metrics
-from wsbroker.outbox import CLOSE_TIMEOUT, Connection
 from wsbroker.presence import PresenceService
 from wsbroker.registry import NodeReport, create_registry, open_redis, uptime_since
 from wsbroker.session import CLOSE_DISCONNECTED, CLOSE_SERVICE_RESTART, NodeServices, Session
@@ -42,9 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsbroker.server")
 
-PING_INTERVAL = 20.0
-PING_TIMEOUT = 20.0
-UNBOUNDED_WRITE_LIMIT = 1 << 30  # uvloop takes a C int
+LISTEN_BACKLOG = 511
+"""Connections the kernel holds for us while the loop is busy (Node's default too)."""
 SINGLE_HEADERS = ("Upgrade", "Origin", "Authorization")
 """Headers we read one value of: a request repeating one is refused with 400."""
 WEBHOOK_FLUSH_MIN = 1.0
@@ -75,12 +76,15 @@ class Node:
             self.presence, self.webhooks,
         )
         self.sessions: set[Session] = set()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
         self.draining = False
-        self._admitted: set[ServerConnection] = set()
-        self._handshake_identity: dict[ServerConnection, Identity] = {}
+        self._admitted: set[ClientConnection] = set()
+        self._connections: set[ClientConnection] = set()
+        self._keepalive = Keepalive()
         self._trusted_proxies = _parse_networks(settings.trusted_proxies)
         self._backplane_seen_down = False
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
         self._log_refusal = Throttled(log, logging.INFO)
         # The fleet services the HTTP API stands on; every node runs them, API or not.
         self._started_at = time.monotonic()
@@ -103,27 +107,18 @@ class Node:
             await self.webhooks.start()
         await self.control.listen()  # or, if the backplane is down, once it is up
         await self.registry.start()
-        self._server = await serve(
-            self._serve_connection,
+        # websockets' defaults for the extension (12-bit windows, memLevel 5).
+        extensions = enable_server_permessage_deflate(None) if settings.compression else []
+        options = ConnectionOptions(settings.max_message_size, extensions)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: self._track(ClientConnection(self, options)),
             settings.host,
             settings.port,
-            process_request=self._process_request,
-            create_connection=Connection,
-            compression="deflate" if settings.compression else None,
-            max_size=settings.max_message_size,
-            ping_interval=PING_INTERVAL,
-            ping_timeout=PING_TIMEOUT,
-            close_timeout=CLOSE_TIMEOUT,
-            # Our frames bypass websockets' flow control (each session's Outbox
-            # bounds its client by --max-send-buffer, websockets' own PONGs
-            # included), and websockets' own control frames must never wait for
-            # the buffer to drain, or a client that stopped reading would stall
-            # its keepalive ping forever instead of timing out.
-            write_limit=UNBOUNDED_WRITE_LIMIT,
-            server_header="wsbroker",
             ssl=_tls_context(settings),
             reuse_port=settings.workers > 1,
+            backlog=LISTEN_BACKLOG,
         )
+        self._keepalive.start()
         if settings.api_port is not None:
             self.api = create_api(settings, self.hub, self.control, self.registry,
                                   self.presence, self._redis, self.metrics)
@@ -161,15 +156,18 @@ class Node:
             if delay > 0:
                 await asyncio.sleep(delay)
             session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-        closing = [connection.connection_lost_waiter for connection in self._admitted]
+        closing = [asyncio.ensure_future(connection.wait_lost())
+                   for connection in self._admitted]
         if closing:
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
+            for waiter in closing:
+                waiter.cancel()
         if self.webhooks is not None:  # pending webhooks get the rest of the drain time
             await self.webhooks.drain(max(started + spread, loop.time() + WEBHOOK_FLUSH_MIN))
         await self.stop()
 
     async def stop(self) -> None:
-        """Close everything now (clients still connected get 1001 from websockets)."""
+        """Close everything now (clients still connected get 1001, going away)."""
         self.draining = True
         if self.api is not None:
             await self.api.stop()
@@ -177,9 +175,21 @@ class Node:
         await cancel_and_wait(self._control_task)
         if self._server is not None:
             self._server.close()
+        await self._keepalive.stop()
+        for connection in list(self._connections):
+            connection.close(1001, "")
         # Subscribes still waiting on the backplane end now, so their sessions
         # can finish closing instead of holding the shutdown up.
         await self.hub.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                await asyncio.gather(*(connection.wait_lost()
+                                       for connection in list(self._connections)))
+        for connection in list(self._connections):
+            connection.transport.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                await self._no_sessions.wait()
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
@@ -232,11 +242,11 @@ class Node:
             self.metrics.backplane_reconnects.inc()
             log.info("backplane back up")
 
-    # -- handshake ---------------------------------------------------------------
+    # -- connections (connection.Gate) -------------------------------------------
 
-    async def _process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
+    def handshake(self, connection: ClientConnection,
+                  request: Request) -> Verdict | Awaitable[Verdict]:
+        """Accept (None) or refuse (a response) an upgrade, or answer a plain request."""
         for name in SINGLE_HEADERS:
             if len(request.headers.get_all(name)) > 1:
                 return http.text(400, f"the {name} header must appear once")
@@ -245,10 +255,40 @@ class Node:
         if path == "/ws":
             if not is_upgrade:
                 return http.upgrade_required()
-            return await self._admit(connection, request, query)
+            connection.address = self.client_address(connection.address, request)
+            return self._admit(connection, request, query)
         if is_upgrade:
             return http.text(404, "WebSocket endpoint is /ws")
         return self._http_route(path, request)
+
+    def open(self, connection: ClientConnection) -> Session:
+        session = Session(self.services, connection, self._session_finished)
+        self.sessions.add(session)
+        self._no_sessions.clear()
+        self._keepalive.add(connection)
+        session.start()
+        if self.draining:  # its handshake was in flight when the drain began
+            session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+        return session
+
+    def closed(self, connection: ClientConnection) -> None:
+        self._connections.discard(connection)
+        self._keepalive.discard(connection)
+        self._unadmit(connection)
+
+    def _track(self, connection: ClientConnection) -> ClientConnection:
+        self._connections.add(connection)
+        return connection
+
+    def _unadmit(self, connection: ClientConnection) -> None:
+        if connection in self._admitted:
+            self._admitted.discard(connection)
+            self.metrics.connections.set(len(self._admitted))
+
+    def _session_finished(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
 
     def _http_route(self, path: str, request: Request) -> Response:
         if path in http.CLIENT_FILES:
@@ -267,22 +307,33 @@ class Node:
             return http.respond(200, http.demo_page(), http.HTML)
         return http.text(404, "not found")
 
-    async def _admit(
-        self, connection: ServerConnection, request: Request, query: str
-    ) -> Response | None:
-        response = await self._handshake_verdict(connection, request, query)
-        if response is not None:
-            self._log_refusal(
-                "refused {count} upgrade(s) in the last 10 s; latest: %d from %s: %s",
-                response.status_code, self.client_address(connection),
-                response.body.decode(errors="replace").strip(),
-            )
-        return response
+    def _admit(self, connection: ClientConnection, request: Request,
+               query: str) -> Verdict | Awaitable[Verdict]:
+        """Decide an upgrade: at once when it can be, else once its token's key is in."""
+        refusal = self._refusal(connection, request)
+        if refusal is not None:
+            return self._refused(connection, refusal)
+        token = _handshake_token(request, query)
+        if token is None:
+            return None
+        try:
+            identity = self.verifier.verify_now(token)
+        except AuthError as exc:
+            return self._refused(connection, self._unauthorized(connection, exc))
+        if identity is not None:
+            connection.identity = identity
+            return None
+        return self._admit_later(connection, token)
 
-    async def _handshake_verdict(
-        self, connection: ServerConnection, request: Request, query: str
-    ) -> Response | None:
-        """None to upgrade, or the HTTP answer that refuses the upgrade."""
+    async def _admit_later(self, connection: ClientConnection, token: str) -> Response | None:
+        try:
+            connection.identity = await self.verifier.verify(token)
+        except AuthError as exc:
+            return self._refused(connection, self._unauthorized(connection, exc))
+        return None
+
+    def _refusal(self, connection: ClientConnection, request: Request) -> Response | None:
+        """The answer that refuses this upgrade before its token is looked at, if any."""
         settings = self.settings
         if self.draining:
             return http.text(503, "node is shutting down; connect again")
@@ -297,53 +348,31 @@ class Node:
         # their place, so --max-connections stays exact.
         self._admitted.add(connection)
         self.metrics.connections.set(len(self._admitted))
-        token = _handshake_token(request, query)
-        if token is not None:
-            try:
-                identity = await self.verifier.verify(token)
-            except AuthError as exc:
-                self._forget(connection)
-                self.metrics.auth_failures.labels(exc.reason).inc()
-                return http.text(401, str(exc))
-            except BaseException:
-                self._forget(connection)
-                raise
-            self._handshake_identity[connection] = identity
-        connection.connection_lost_waiter.add_done_callback(
-            lambda _: self._forget(connection)
-        )
         return None
 
-    def _forget(self, connection: ServerConnection) -> None:
-        self._admitted.discard(connection)
-        self.metrics.connections.set(len(self._admitted))
-        self._handshake_identity.pop(connection, None)
+    def _unauthorized(self, connection: ClientConnection, error: AuthError) -> Response:
+        self._unadmit(connection)
+        self.metrics.auth_failures.labels(error.reason).inc()
+        return http.text(401, str(error))
 
-    async def _serve_connection(self, connection: ServerConnection) -> None:
-        identity = self._handshake_identity.pop(connection, None)
-        session = Session(self.services, connection, identity, self.client_address(connection))
-        self.sessions.add(session)
-        if self.draining:  # its handshake was in flight when the drain began
-            session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
+    def _refused(self, connection: ClientConnection, response: Response) -> Response:
+        self._log_refusal(
+            "refused {count} upgrade(s) in the last 10 s; latest: %d from %s: %s",
+            response.status_code, connection.address,
+            response.body.decode(errors="replace").strip(),
+        )
+        return response
 
-    def client_address(self, connection: ServerConnection) -> str:
+    def client_address(self, peer: str, request: Request) -> str:
         """The peer address, or the X-Forwarded-For client when the peer is a trusted proxy."""
-        peer = connection.remote_address[0] if connection.remote_address else "?"
-        request = connection.request
-        if self._trusted_proxies and request is not None and _in_networks(
-            peer, self._trusted_proxies
-        ):
+        if self._trusted_proxies and _in_networks(peer, self._trusted_proxies):
             forwarded = ",".join(request.headers.get_all("X-Forwarded-For"))
             if forwarded:
                 # The nearest hop not ours is the client: walk from the right.
                 for hop in reversed([part.strip() for part in forwarded.split(",")]):
                     if not _in_networks(hop, self._trusted_proxies):
                         return hop
-        return str(peer)
+        return peer
 
 
 def _webhooks(settings: Settings, metrics: Metrics) -> Webhooks | None:

@@ -2,6 +2,9 @@
 
 Ops from one connection are handled in order, so a client's publishes reach
 the backplane in the order it sent them and its replies come back in order.
+They wait in the session's inbox; a task works through it only while there is
+something to do, so an idle client costs no task (its connection stops being
+read while :data:`MAX_WAITING_OPS` wait).
 Every frame the server sends goes through the session's
 :class:`~wsbroker.outbox.Outbox`, which writes without awaiting and cuts a
 client whose unsent bytes pass ``--max-send-buffer`` (SPEC §8): a slow reader
@@ -14,13 +17,13 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from wsbroker import protocol
@@ -28,10 +31,11 @@ from wsbroker.auth import AuthError, Identity, Verifier
 from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
+from wsbroker.connection import ClientConnection
 from wsbroker.history import HistoryNotEnabled, Position
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
-from wsbroker.outbox import Connection, Outbox
+from wsbroker.outbox import Outbox
 from wsbroker.presence import Member, PresenceNotEnabled, PresenceService
 from wsbroker.protocol import OpId, ProtocolError
 from wsbroker.ratelimit import OpLimiter
@@ -48,6 +52,12 @@ CLOSE_UNAUTHORIZED = 4001
 CLOSE_DISCONNECTED = 4003
 CLOSE_RATE_LIMITED = 4008
 CLOSE_SLOW_CONSUMER = 4009
+
+MAX_WAITING_OPS = 16
+"""Ops a client may have waiting before its connection stops being read."""
+
+_NO_OPS: deque[str] = deque(maxlen=0)
+"""Every session's inbox until its first op: empty, and it stays so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,27 +85,31 @@ class Session:
     def __init__(
         self,
         node: NodeServices,
-        connection: ServerConnection,
-        identity: Identity | None,
-        address: str,
+        connection: ClientConnection,
+        on_finished: Callable[[Session], None],
     ) -> None:
         self._node = node
         self._settings = node.settings
         self._connection = connection
-        self._ws = connection.protocol
-        self.identity = identity
-        self.address = address
+        self._ws = connection.ws
+        self.identity = connection.identity
+        self.address = connection.address
         self.client_id = secrets.token_urlsafe(12)
         self.channels: set[str] = set()
         self._limiter = OpLimiter(node.settings.rate_limit)
         self._outbox = Outbox(connection, node.flusher, limit=node.settings.max_send_buffer,
-                              on_overflow=self._cut_slow_consumer,
-                              label=f"client {self.client_id} ({address})")
+                              on_overflow=self._cut_slow_consumer)
         self.deliver = self._outbox.put
-        if isinstance(connection, Connection):
-            connection.outbox = self._outbox
-        self._expiry: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        connection.read_limit = self._outbox
+        self._inbox: deque[str] = _NO_OPS
+        """Ops waiting their turn (a deque of its own once the client sends one)."""
+        self._worker: asyncio.Task[None] | None = None
+        self._gone = False
+        self._on_finished = on_finished
+        self._timer: asyncio.TimerHandle | None = None
+        """The first frame's deadline while unauthenticated, then the token's expiry."""
+        self._background: set[asyncio.Future[None]] | None = None
+        """Presence leaves under way for dropped subscriptions (made at the first)."""
 
     # -- writing (the rules are the Outbox's) -----------------------------------
 
@@ -108,6 +122,8 @@ class Session:
             self.channels.discard(channel)
             self.send(protocol.encode_unsubscribed(channel, reason))
             leaving = asyncio.ensure_future(self._node.presence.leave(channel, self._member()))
+            if self._background is None:
+                self._background = set()
             self._background.add(leaving)
             leaving.add_done_callback(self._background.discard)
 
@@ -122,63 +138,90 @@ class Session:
         """Start the closing handshake now, from any callback (see :meth:`Outbox.close`)."""
         self._outbox.close(code, reason)
 
-    async def close(self, code: int, reason: str) -> None:
-        self.close_soon(code, reason)
-        await self.wait_closed()
-
-    async def wait_closed(self) -> None:
-        await self._connection.wait_closed()
-
     # -- lifecycle ---------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Authenticate if needed, then answer ops until the connection closes."""
+    def start(self) -> None:
+        """The upgrade went out: welcome a client that gave its token, or wait for it."""
+        if self.identity is not None:
+            self._welcome(None)
+        else:
+            self._timer = asyncio.get_running_loop().call_later(
+                self._settings.auth_timeout, self._auth_timed_out)
+
+    def text_received(self, text: str) -> None:
+        """Queue one op; a task works through the queue while it is not empty."""
+        inbox = self._inbox
+        if inbox is _NO_OPS:  # an idle client never pays for a deque's block
+            inbox = self._inbox = deque()
+        inbox.append(text)
+        if self.identity is None and self._timer is not None:
+            self._timer.cancel()  # the first frame came in time
+            self._timer = None
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        elif len(inbox) >= MAX_WAITING_OPS:
+            self._connection.pause_reading()
+
+    def binary_received(self) -> None:
+        self._inbox.clear()
+        self.close_soon(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
+
+    def connection_closed(self) -> None:
+        """Nothing more comes in: give back what the client held, once its op in
+        hand (if any) is done, so a subscribe that completes late is released too."""
+        self._gone = True
+        self._inbox.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._release())
+
+    async def _work(self) -> None:
+        inbox = self._inbox
         try:
-            if self.identity is None:
-                if not await self._authenticate_first():
-                    return
-            else:
-                self._welcome(None)
-            async for frame in self._connection:
-                if isinstance(frame, bytes):
-                    await self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
-                    return
-                await self._handle(frame)
-        except ConnectionClosed:
-            pass
+            while inbox:
+                frame = inbox.popleft()
+                if self.identity is None:
+                    if not await self._authenticate_first(frame):
+                        inbox.clear()
+                elif self._ws.state is State.OPEN:
+                    await self._handle(frame)
+                if len(inbox) < MAX_WAITING_OPS // 2:
+                    self._connection.resume_reading()
         except Exception:
             # A bug, not the client's fault: say so once, close 1011, count it as such.
             log.exception("client %s (%s): the session failed", self.client_id, self.address)
+            inbox.clear()
             self.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
-        finally:
+        self._inbox = _NO_OPS  # empty now: give its block back until the next op
+        if self._gone:
             await self._release()
+        else:
+            self._worker = None
 
-    async def _authenticate_first(self) -> bool:
-        try:
-            async with asyncio.timeout(self._settings.auth_timeout):
-                frame = await self._connection.recv()
-        except TimeoutError:
-            self._node.metrics.auth_failures.labels("timeout").inc()
-            await self.close(CLOSE_UNAUTHORIZED, "authentication timed out")
-            return False
-        if isinstance(frame, bytes):
-            await self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
-            return False
+    def _auth_timed_out(self) -> None:
+        self._timer = None
+        self._node.metrics.auth_failures.labels("timeout").inc()
+        self.close_soon(CLOSE_UNAUTHORIZED, "authentication timed out")
+
+    async def _authenticate_first(self, frame: str) -> bool:
         try:
             op = protocol.parse_op(frame)
         except ProtocolError:
             op = None
         if not isinstance(op, protocol.Auth):
             self._node.metrics.auth_failures.labels("no_auth").inc()
-            await self.close(CLOSE_UNAUTHORIZED, "authenticate first")
+            self.close_soon(CLOSE_UNAUTHORIZED, "authenticate first")
             return False
         try:
             self.identity = await self._node.verifier.verify(op.token)
         except AuthError as exc:
             self._node.metrics.auth_failures.labels(exc.reason).inc()
-            await self.close(CLOSE_UNAUTHORIZED, str(exc))
+            self.close_soon(CLOSE_UNAUTHORIZED, str(exc))
             return False
-        self._welcome(op.id)
+        if not self._gone:
+            self._welcome(op.id)
         return True
 
     def _welcome(self, op_id: OpId) -> None:
@@ -191,19 +234,20 @@ class Session:
                   self.client_id, identity.user, self.address)
 
     def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         identity = self._require_identity()
         delay = identity.expires + self._settings.jwt_leeway - time.time()
-        self._expiry = asyncio.get_running_loop().call_later(
+        self._timer = asyncio.get_running_loop().call_later(
             max(delay, 0.0), self.close_soon, CLOSE_UNAUTHORIZED, "token expired"
         )
 
     async def _release(self) -> None:
         """Give back every channel at once: a client of many channels must not leave
         one awaited unsubscribe after another (each may wait on the backplane)."""
-        if self._expiry is not None:
-            self._expiry.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         channels, self.channels = self.channels, set()
         member = self._member() if self.identity is not None else None
         results = await asyncio.gather(
@@ -213,8 +257,8 @@ class Session:
             if isinstance(result, Exception):
                 log.warning("releasing a channel of client %s failed: %r",
                             self.client_id, result)
-        self._outbox.discard()
         self._node.metrics.disconnects.labels(_disconnect_label(self._ws)).inc()
+        self._on_finished(self)
 
     def _require_identity(self) -> Identity:
         assert self.identity is not None, "session used before authentication"

@@ -1,0 +1,71 @@
+"""Keepalive for every connection of a node: one sweep, no task or timer per connection.
+
+A client the node has heard nothing from for :data:`PING_INTERVAL` gets a PING;
+one still silent :data:`PING_TIMEOUT` after that PING is closed with 1011.
+Silence counts from the last bytes received, whatever they were (a PONG, an
+op, a PING of its own), so a busy connection is never pinged at all. The sweep
+looks at one of :data:`SLICES` slices of the connections per tick, so each
+connection is looked at every :data:`SWEEP` seconds and no tick holds the loop
+for long, even at 20,000 connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from wsbroker.connection import ClientConnection
+from wsbroker.tasks import cancel_and_wait
+
+log = logging.getLogger("wsbroker.keepalive")
+
+PING_INTERVAL = 20.0
+"""Seconds of silence before a client is pinged."""
+PING_TIMEOUT = 20.0
+"""Seconds a pinged client has to send anything (its PONG) before it is dropped."""
+SWEEP = 5.0
+"""Seconds between two looks at the same connection: the precision of both times."""
+SLICES = 20
+
+
+class Keepalive:
+    """Pings quiet clients and drops the ones that stay silent; start() to run."""
+
+    def __init__(self) -> None:
+        self._slices: list[set[ClientConnection]] = [set() for _ in range(SLICES)]
+        self._slot = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, connection: ClientConnection) -> None:
+        connection.keepalive_slot = slot = next(self._slot) % SLICES
+        self._slices[slot].add(connection)
+
+    def discard(self, connection: ClientConnection) -> None:
+        self._slices[connection.keepalive_slot].discard(connection)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for tick in itertools.count():
+            await asyncio.sleep(SWEEP / SLICES)
+            try:
+                self.check(self._slices[tick % SLICES], loop.time())
+            except Exception:  # a bug here must not end keepalive for everyone
+                log.exception("the keepalive sweep failed")
+
+    @staticmethod
+    def check(connections: set[ClientConnection], now: float) -> None:
+        """Ping the quiet, drop the silent, among ``connections``."""
+        for connection in list(connections):
+            if connection.pinged_at > connection.last_heard:
+                if now - connection.pinged_at >= PING_TIMEOUT:
+                    connection.fail(1011, "keepalive ping timeout")
+            elif now - connection.last_heard >= PING_INTERVAL:
+                connection.pinged_at = now
+                connection.ping()
