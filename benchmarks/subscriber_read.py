@@ -1,7 +1,7 @@
 """The node's Redis subscriber reader alone: CPU µs per received pub/sub message.
 
 ```
-python -m benchmarks.subscriber_read                       # 200,000 messages flat out, 3 rounds
+python -m benchmarks.subscriber_read                       # a backlog of 200,000 messages, 3 rounds
 python -m benchmarks.subscriber_read --rate 50000          # paced: ~50 messages per TCP read
 python -m benchmarks.subscriber_read --messages 100000 --channels 1 --repeat 5
 ```
@@ -14,17 +14,23 @@ throwaway ``redis-server`` (``processes.start_redis``), opens the real
 counts, subscribes ``--channels`` channels, and has a publisher process (this
 module with ``--publisher``: raw pipelined RESP, every command built before the
 clock starts) PUBLISH ``--messages`` ~100-byte messages round-robin over them.
-``--rate 0`` publishes flat out, so Redis runs ahead of the reader and each read
-of the socket holds many replies (a burst); a rate sends one slice per
-millisecond, as a busy backend would.
+``--rate 0`` (the default) measures a backlog: the reader's event loop is held
+while the publisher runs, so Redis queues every message and each read of the
+socket is full; that is the reader's own cost per message, whatever the speed
+of Redis and the publisher. A rate sends one slice per millisecond, as a busy
+backend would: fewer messages per read, so the per-read costs (event loop
+wake-up, ``read_response``) weigh in.
 
 The figure is this process's CPU time (``time.process_time``) per message,
-counted from the first message received to the last, so the publisher's start
-and the subscribing are not billed. Messages/s is over the same interval (at a
-set rate it is that rate, if the reader keeps up). Each round is printed; the
-summary gives the best and the median. By default this process runs on core 0
-and redis-server and the publisher on core 1, as in the harness; on a shared
-machine, alternate the versions compared (A, B, A, B) rather than trusting one run.
+counted from the release of the backlog (or the first message, at a rate) to
+the last message, so the publisher's start and the subscribing are not billed.
+Messages/s is over the same interval (at a rate it is that rate, if the reader
+keeps up). The garbage collector is set as ``wsbroker serve`` sets it once
+started (``--default-gc`` keeps Python's thresholds). Each round is printed;
+the summary gives the best and the median.
+By default this process runs on core 0 and redis-server and the publisher on
+core 1, as in the harness; on a shared machine, alternate the versions compared
+(A, B, A, B) rather than trusting one run.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from benchmarks import processes
 from benchmarks.publisher import resp_publish
 from wsbroker.backplane.redis import RedisBackplane
 from wsbroker.bench.messages import message
+from wsbroker.cli import GC_YOUNG_THRESHOLD
 from wsbroker.config import Settings
 
 PREFIX = "bench:"
@@ -118,36 +125,44 @@ def publish(port: int, messages: int, channels: int, rate: float) -> None:
 async def one_round(engine: RedisBackplane, counter: Counter, port: int, *, messages: int,
                     channels: int, rate: float, load_cpu: int,
                     timeout: float) -> tuple[float, float]:
-    """Publish ``messages``; return (CPU µs per message, messages/s) of this process."""
+    """Publish ``messages``; return (CPU µs per message, messages/s) of this process.
+
+    The publisher is driven with blocking calls on purpose: while this process
+    waits for it, its event loop (so the reader) is stopped. With ``rate`` 0
+    that is the whole publishing: Redis holds the backlog and the clocks start
+    when the loop does. With a rate they start at the first message.
+    """
     counter.count = 0
     cmd = processes.pinned(
         [processes.PYTHON, "-m", "benchmarks.subscriber_read", "--publisher", str(port),
          "--messages", str(messages), "--channels", str(channels), "--rate", str(rate)],
         load_cpu,
     )
-    publisher = await asyncio.create_subprocess_exec(
-        *cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=processes.REPO)
+    # Blocking on purpose (see above): subprocess.Popen, not asyncio's.
+    publisher = subprocess.Popen(  # noqa: ASYNC220
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=processes.REPO)
     assert publisher.stdin is not None and publisher.stdout is not None
     try:
+        if publisher.stdout.readline() != b"ready\n":
+            raise RuntimeError("the publisher did not start")
+        gc.collect()
+        publisher.stdin.write(b"go\n")
+        publisher.stdin.close()
         async with asyncio.timeout(timeout):
-            if await publisher.stdout.readline() != b"ready\n":
-                raise RuntimeError("the publisher did not start")
-            gc.collect()
-            publisher.stdin.write(b"go\n")
-            # Start the clocks at the first message: the write and Redis's
-            # first replies (while this process idles) are not what is measured.
-            await counter.until(1)
+            if not rate:
+                publisher.wait(timeout)  # Redis has it all; the reader has read nothing
+            else:
+                await counter.until(1)
             first = counter.count
             cpu0, wall0 = time.process_time(), time.perf_counter()
             await counter.until(messages)
             cpu1, wall1 = time.process_time(), time.perf_counter()
-            await publisher.wait()
-        if publisher.returncode:
+        if publisher.wait(timeout):
             raise RuntimeError(f"the publisher failed with {publisher.returncode}")
     finally:
-        if publisher.returncode is None:
+        if publisher.poll() is None:
             publisher.kill()  # our own child, by its PID
-            await publisher.wait()
+            publisher.wait()
     counted = messages - first
     return (cpu1 - cpu0) / counted * 1e6, counted / (wall1 - wall0)
 
@@ -167,6 +182,9 @@ async def run(args: argparse.Namespace) -> list[tuple[float, float]]:
                 for start in range(0, args.channels, 100):
                     await asyncio.gather(*(engine.subscribe(f"{CHANNEL_NAME}.{c}") for c in
                                            range(start, min(start + 100, args.channels))))
+                if not args.default_gc:  # as `wsbroker serve` once started
+                    gc.freeze()
+                    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
                 results = []
                 for step in range(args.repeat + 1):
                     # Round 0 warms up (first-call costs, allocator), unreported.
@@ -199,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="core of redis-server and the publisher")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop (uvloop, as `wsbroker serve`, when installed)")
+    p.add_argument("--default-gc", action="store_true",
+                   help="keep Python's GC thresholds (the node raises the young one)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per round, at most")
     p.add_argument("--publisher", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -218,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu = [r[0] for r in results]
     rates = [r[1] for r in results]
     print(f"{args.messages:,} messages over {args.channels:,} channels, "
-          f"{'flat out' if not args.rate else f'{args.rate:,.0f}/s'}, "
+          f"{'backlog' if not args.rate else f'{args.rate:,.0f}/s'}, "
           f"{'uvloop' if loop_factory else 'asyncio'}: CPU µs/message best {min(cpu):.2f}, "
           f"median {statistics.median(cpu):.2f}; messages/s best {max(rates):,.0f}, "
           f"median {statistics.median(rates):,.0f}")
