@@ -18,7 +18,9 @@ each command we write queues what it expects in a FIFO; the reader pops the FIFO
 and resolves the waiter. ``subscribe`` therefore returns only once Redis
 confirmed the subscription, which is what SPEC §4's delivery guarantee needs.
 Messages are handed to the synchronous ``on_message`` handler straight from the
-reader, with no per-message task or await. The subscriber speaks RESP2 whatever
+reader, with no per-message task or await: one ``read_response`` per read of the
+socket, the other replies that read brought taken from hiredis synchronously
+(:func:`buffered_replies`). The subscriber speaks RESP2 whatever
 the URL says (redis-py 8 defaults to RESP3, where pub/sub replies go through a
 push handler that logs every message). If the node reads slower than Redis
 publishes, Redis's ``client-output-buffer-limit pubsub`` cuts the connection:
@@ -58,6 +60,7 @@ BACKOFF_CAP = 5.0
 RESUBSCRIBE_CHUNK = 1000
 PUBLISH_POOL_SIZE = 32
 YIELD_EVERY = 1000
+SUB_READ_SIZE = 16 * 1024
 
 PONG = b"pong"
 
@@ -88,7 +91,11 @@ def client_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     RESP2 (pub/sub replies are plain arrays, no push handlers, no
     maintenance-notification reconnects behind our back) and these options win
     over the URL's query string. TCP keepalive is on by default in redis-py 8
-    (30 s idle, 3 probes 5 s apart).
+    (30 s idle, 3 probes 5 s apart). ``socket_read_size`` is how much redis-py
+    moves from the stream's buffer into hiredis at a time (the socket itself is
+    read by the event loop's transport): hiredis moves its unread bytes forward
+    each time a reply takes it past 1 KiB, so a 256 KiB chunk cost about 0.3 µs
+    more per 100-byte message than a 16 KiB one (benchmarks/subscriber_read.py).
     """
     common: dict[str, Any] = {
         "decode_responses": False,
@@ -97,7 +104,7 @@ def client_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "health_check_interval": 0,
     }
     subscriber = {**common, "socket_timeout": None, "protocol": 2,
-                  "client_name": f"wsbroker:{name}:sub", "socket_read_size": 256 * 1024}
+                  "client_name": f"wsbroker:{name}:sub", "socket_read_size": SUB_READ_SIZE}
     publisher = {**common, "socket_timeout": PUBLISH_TIMEOUT,
                  "client_name": f"wsbroker:{name}:pub"}
     return subscriber, publisher
@@ -192,6 +199,40 @@ class Hooks:
     """Redis dropped a channel by itself (a slot moved); None: that is a protocol error."""
     moved: Callable[[bytes, MovedError], None] | None = None
     """A background subscribe of a channel was answered with MOVED."""
+
+
+def buffered_replies(conn: AbstractConnection) -> tuple[Callable[[], Any], object] | None:
+    """``(gets, pending)``: take the replies redis-py's hiredis reader already holds.
+
+    redis-py reads the socket in chunks (``socket_read_size``) into a
+    ``hiredis.Reader`` and returns one reply per ``read_response``, a chain of
+    coroutines per reply even when the rest of a burst is already in that
+    reader. ``gets()`` takes the next complete reply from it with no
+    await; it returns ``pending`` when the reader holds no complete reply (then
+    it is time for ``read_response``, which reads the socket).
+
+    The one private API the subscriber uses: the connection's parser's hiredis
+    reader, ``conn._parser._reader``. ``pending`` (redis-py's not-enough-data
+    sentinel) is learned from the reader itself: call this on a connection
+    whose replies so far were all read, i.e. before the reader task's first
+    read, when ``gets()`` on the empty reader returns it and consumes nothing.
+    Replies on a RESP2 subscriber connection are arrays, strings and errors,
+    so it cannot be mistaken for one. None, and the caller reads every reply
+    with ``read_response``, when any of this is not so: no hiredis (redis-py's
+    pure-Python parser), another redis-py layout, RESP3, unread data.
+    """
+    try:
+        import hiredis
+    except ImportError:
+        return None
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    if (not isinstance(reader, hiredis.Reader) or str(getattr(conn, "protocol", 2)) != "2"
+            or reader.has_data()):
+        return None
+    pending = reader.gets()
+    if isinstance(pending, list | bytes | Exception):
+        return None  # not a sentinel: cannot happen with no data, but never guess
+    return reader.gets, pending
 
 
 class SubscriberLink:
@@ -342,40 +383,58 @@ class SubscriberLink:
     # -- reading -------------------------------------------------------------------
 
     async def _read(self, link: Link) -> None:
-        """Read every reply on the connection until it fails."""
+        """Read every reply on the connection until it fails.
+
+        One ``read_response`` per read of the socket, not per reply: what that
+        read brought beyond the first reply is taken from hiredis synchronously
+        (:func:`buffered_replies`). After anything that awaits (a confirmation
+        may write, the cooperative yield) the next reply comes from
+        ``read_response`` again, which checks the connection first.
+        """
         conn = link.conn
         names = self._names
         on_message = self._hooks.deliver()
         message = self._dialect.message
         log = self._log
+        gets, pending = buffered_replies(conn) or (None, None)
         batch = 0
         try:
             while True:
                 try:
                     # math.inf: block with no timeout (see the module docstring).
-                    reply = await conn.read_response(
+                    reply: Any = await conn.read_response(
                         timeout=math.inf, disconnect_on_error=False, push_request=True
                     )
                 except ResponseError as exc:
+                    reply = exc
+                while True:
                     link.received += 1
-                    self.refused(link, exc)
-                    continue
-                link.received += 1
-                if type(reply) is not bytes and reply[0] == message:
-                    channel = names.get(reply[1])
-                    if channel is not None:
-                        try:
-                            on_message(channel, reply[2])
-                        except Exception:
-                            log.exception("the backplane message handler failed")
-                    batch += 1
-                    if batch >= YIELD_EVERY:
-                        # A burst already in the buffer is read with no real
-                        # await; let other tasks (socket writers) run now and then.
-                        batch = 0
-                        await asyncio.sleep(0)
-                else:
-                    await self.confirm(link, reply)
+                    if type(reply) is list and reply[0] == message:
+                        channel = names.get(reply[1])
+                        if channel is not None:
+                            try:
+                                on_message(channel, reply[2])
+                            except Exception:
+                                log.exception("the backplane message handler failed")
+                        batch += 1
+                        if batch >= YIELD_EVERY:
+                            # A burst already in the buffer is read with no real
+                            # await; let other tasks (socket writers) run now and then.
+                            batch = 0
+                            await asyncio.sleep(0)
+                            break
+                    elif isinstance(reply, ResponseError):
+                        self.refused(link, reply)
+                    elif isinstance(reply, Exception):
+                        raise reply  # as read_response raises a ConnectionError reply
+                    else:
+                        await self.confirm(link, reply)
+                        break
+                    if gets is None:
+                        break
+                    reply = gets()
+                    if reply is pending:
+                        break
         except asyncio.CancelledError:
             raise
         except Exception as exc:
