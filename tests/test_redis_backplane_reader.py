@@ -59,6 +59,7 @@ class Received:
 
     async def until(self, count: int, within: float = 10.0) -> None:
         self._target = count
+        self._reached.clear()  # set by an earlier target
         if len(self.messages) < count:
             async with asyncio.timeout(within):
                 await self._reached.wait()

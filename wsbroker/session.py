@@ -77,6 +77,10 @@ class NodeServices:
 class Session:
     """Serves one WebSocket connection from welcome to close."""
 
+    __slots__ = ("_background", "_connection", "_gone", "_inbox", "_limiter", "_node",
+                 "_on_finished", "_outbox", "_settings", "_timer", "_worker", "_ws",
+                 "address", "channels", "client_id", "deliver", "identity")
+
     deliver: Callable[[Outgoing], bool]
     """Queue one frame without awaiting (:meth:`Outbox.put`); False if the client is
     closing. The outbox's own method, not a wrapper: the fan-out calls it once per
