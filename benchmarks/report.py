@@ -87,19 +87,21 @@ def _by_server(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _connect_table(runs: list[dict[str, Any]]) -> str:
-    header = ["server", "connects/s", "failed", "RSS before KiB", "RSS after KiB", "KiB/conn"]
+    header = ["server", "connects/s", "µs CPU/conn", "failed", "RSS before KiB",
+              "RSS after KiB", "KiB/conn"]
     header.append("bg busy % c0/c1")
     rows = []
     for run in runs:
         background = "/".join(f"{100 * b:.0f}" for b in run.get("background_busy", []))
         if "connect" not in run:
-            rows.append([run["server"], "error", "", "", "", "", background])
+            rows.append([run["server"], "error", "", "", "", "", "", background])
             continue
         c, m = run["connect"], run["rss_kib"]
         rows.append(
             [
                 run["server"],
                 num(c["per_s"]),
+                num(c.get("server_cpu_us_per_connect")),
                 str(c["failed"]),
                 f"{m['before']:,}",
                 f"{m['after']:,}",
@@ -115,6 +117,8 @@ def _connect_table(runs: list[dict[str, Any]]) -> str:
                 [
                     ratio_label(peer),
                     ratio(w["connect"]["per_s"], f["connect"]["per_s"]),
+                    ratio(w["connect"].get("server_cpu_us_per_connect"),
+                          f["connect"].get("server_cpu_us_per_connect")),
                     "",
                     "",
                     "",

@@ -356,6 +356,7 @@ async def set_up(ctx: Context, c: Contender, subscribers: int, channels: int) ->
                 f" ({event['failed']} failed)"
             )
 
+        cpu_before = processes.cpu_seconds(c.target.managed.pid)
         c.gen, ready = await control.Loadgen.start(
             c.target.port,
             c.target.path,
@@ -368,6 +369,7 @@ async def set_up(ctx: Context, c: Contender, subscribers: int, channels: int) ->
             limit_s=120,
             token_secret=c.target.secret if args.unique_tokens else None,
         )
+        connect_cpu_s = processes.cpu_seconds(c.target.managed.pid) - cpu_before
         await asyncio.sleep(1.0 if args.idle else 0.5)
         rss_after = processes.rss_kib(c.target.managed.pid)
     except Exception as exc:  # record it and go on with the other servers
@@ -383,6 +385,8 @@ async def set_up(ctx: Context, c: Contender, subscribers: int, channels: int) ->
         "seconds": ready["connect_s"],
         "per_s": ok / ready["connect_s"] if ready["connect_s"] else 0.0,
         "generator_cpu_fraction": ready["connect_cpu_s"] / max(ready["connect_s"], 1e-3),
+        # The server's own cost, whoever set the pace (the generator may, at small counts).
+        "server_cpu_us_per_connect": connect_cpu_s * 1e6 / ok if ok else None,
     }
     run["rss_kib"] = {
         "before": rss_before,

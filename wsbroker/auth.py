@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -574,4 +575,13 @@ def _patterns(claims: dict[str, Any], name: str) -> PatternSet:
     if size > MAX_CLAIM_CHARS:
         raise InvalidPattern(f"{name!r} has {size} characters of patterns; at most "
                              f"{MAX_CLAIM_CHARS} are allowed")
-    return PatternSet.parse(value)
+    if all(isinstance(item, str) for item in value):
+        return _compiled(tuple(value))
+    return PatternSet.parse(value)  # raises, saying which item is not a pattern
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(texts: tuple[str, ...]) -> PatternSet:
+    """One compiled (immutable) set per distinct claim: tokens of the same role, as
+    most are, share it instead of each connection holding its own index."""
+    return PatternSet.parse(texts)
