@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from wsbroker import protocol
+from wsbroker.hub import Outgoing
 from wsbroker.protocol import ProtocolError, parse_op
 
 
@@ -125,6 +126,20 @@ def test_text_frames_have_rfc6455_headers(size: int) -> None:
     else:
         assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size
         assert frame[10:] == payload
+
+
+@pytest.mark.parametrize("channel", ["prices.btc", 'odd"\\name', "ünïcode.chan"])
+@pytest.mark.parametrize("data", [b"1", b'{"a":[1,2]}', b'"' + b"x" * 200 + b'"',
+                                  b'"' + b"y" * 70_000 + b'"'])
+def test_a_prefixed_message_frame_is_the_encoded_message_framed(channel: str,
+                                                                data: bytes) -> None:
+    """The fan-out's fast path for raw JSON builds exactly what the general path builds."""
+    fast = Outgoing.message(protocol.message_prefix(channel), data)
+    general = Outgoing.of(protocol.encode_message(channel, data))
+    assert fast == general
+    assert fast.payload == protocol.encode_message(channel, data)
+    assert orjson.loads(fast.payload) == {"type": "message", "channel": channel,
+                                          "data": orjson.loads(data)}
 
 
 def test_welcome_has_the_spec_fields() -> None:

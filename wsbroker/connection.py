@@ -108,8 +108,8 @@ class ClientConnection(asyncio.Protocol):
     """A client connection from the accepted socket to ``connection_lost``."""
 
     __slots__ = ("_fragments", "_gate", "_handshake", "_loop", "_lost", "_paused",
-                 "_reading_stopped", "_timer", "address", "identity", "keepalive_slot",
-                 "last_heard", "peer", "pinged_at", "read_limit", "transport", "ws")
+                 "_reading_stopped", "_timer", "address", "identity", "last_heard", "peer",
+                 "pinged_at", "read_limit", "transport", "ws")
 
     def __init__(self, gate: Gate, options: ConnectionOptions) -> None:
         self._gate = gate
@@ -125,7 +125,6 @@ class ClientConnection(asyncio.Protocol):
         """The client's address (the X-Forwarded-For client behind a trusted proxy)."""
         self.last_heard = 0.0
         self.pinged_at = 0.0
-        self.keepalive_slot = 0
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handshake: asyncio.Task[None] | None = None

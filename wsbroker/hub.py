@@ -25,37 +25,60 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from orjson import loads
+
 from wsbroker.backplane import Backplane, BackplaneUnavailable, MessageHandler
 from wsbroker.history import HistoryNotEnabled, HistoryPage, HistoryRules, Position, Published
 from wsbroker.logs import Throttled
 from wsbroker.metrics import Metrics
 from wsbroker.protocol import (
+    ENVELOPE_MAGIC,
     MemberEvent,
     Since,
     decode_payload,
     encode_envelope,
     encode_member_frame,
     encode_message,
+    message_prefix,
     text_frame,
+    text_frame_header,
 )
 from wsbroker.recovery import INSUFFICIENT_STATE, ChannelHistory, Confirm, message_frame
 
 log = logging.getLogger("wsbroker.hub")
 
+_new_tuple = tuple.__new__
+
+
 class Outgoing(NamedTuple):
-    """One server frame: its JSON ``payload`` and the same as a framed ``wire`` message.
+    """One server frame as it goes on the ``wire``; its JSON ``payload`` starts at
+    ``start`` (sliced only when wanted: by a compressed connection).
 
     Immutable (it is shared by every subscriber of a message) and a tuple
     rather than a frozen dataclass: one is built per message on the fan-out
     path, and a frozen dataclass costs about four times as much to build.
     """
 
-    payload: bytes
     wire: bytes
+    start: int
+
+    @property
+    def payload(self) -> bytes:
+        return self.wire[self.start:]
 
     @classmethod
     def of(cls, payload: bytes) -> Outgoing:
-        return cls(payload, text_frame(payload))
+        wire = text_frame(payload)
+        return cls(wire, len(wire) - len(payload))
+
+    @classmethod
+    def message(cls, prefix: bytes, data: bytes) -> Outgoing:
+        """A plain message frame: a channel's :func:`message_prefix`, then ``data``.
+
+        Built with ``tuple.__new__``: the named tuple's own ``__new__`` is a
+        Python function, and this runs once per message on the fan-out path."""
+        header = text_frame_header(len(prefix) + len(data) + 1)
+        return _new_tuple(cls, (b"".join((header, prefix, data, b"}")), len(header)))
 
 
 class Subscriber(Protocol):
@@ -94,6 +117,8 @@ class _Channel:
     """A channel's local subscribers and its backplane subscription."""
 
     ready: asyncio.Task[None]
+    prefix: bytes
+    """The start of this channel's message frames (:func:`message_prefix`)."""
     subscribers: dict[Subscriber, None] = field(default_factory=dict)
     joining: int = 0
     history: ChannelHistory | None = None
@@ -157,7 +182,7 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             task = asyncio.ensure_future(self._backplane.subscribe(channel))
-            state = self._channels[channel] = _Channel(task)
+            state = self._channels[channel] = _Channel(task, message_prefix(channel))
             rule = self._rules.rule_for(channel)
             if rule is not None:
                 state.history = ChannelHistory(
@@ -245,26 +270,35 @@ class Hub:
                 listener(channel, payload)
             return
         started = time.perf_counter() if timed else 0.0
-        try:
-            envelope = decode_payload(payload)
-        except ValueError as exc:
-            self._drop_invalid(channel, exc)
-            return
-        if envelope.event is not None:
-            self._announce(channel, state, envelope.event)
-        elif (history := state.history) is not None and envelope.epoch is not None and (
-                envelope.offset is not None):
-            history.receive(envelope)
+        if not payload.startswith(ENVELOPE_MAGIC):  # a backend's raw JSON: the common case
+            try:
+                loads(payload)  # validation only: the bytes go out as published
+            except ValueError as exc:
+                self._drop_invalid(channel, exc)
+                return
+            self._fan_out(state, Outgoing.message(state.prefix, payload))
         else:
-            message = Outgoing.of(
-                encode_message(channel, envelope.data, envelope.sender, envelope.offset)
-            )
-            delivered = 0
-            for subscriber in state.subscribers:
-                delivered += subscriber.deliver(message)
-            tally.delivered(delivered)
+            try:
+                envelope = decode_payload(payload)
+            except ValueError as exc:
+                self._drop_invalid(channel, exc)
+                return
+            if envelope.event is not None:
+                self._announce(channel, state, envelope.event)
+            elif (history := state.history) is not None and envelope.epoch is not None and (
+                    envelope.offset is not None):
+                history.receive(envelope)
+            else:
+                self._fan_out(state, Outgoing.of(
+                    encode_message(channel, envelope.data, envelope.sender, envelope.offset)))
         if timed:
             self._metrics.fanout_seconds.observe(time.perf_counter() - started)
+
+    def _fan_out(self, state: _Channel, message: Outgoing) -> None:
+        delivered = 0
+        for subscriber in state.subscribers:
+            delivered += subscriber.deliver(message)
+        self._metrics.tally.delivered(delivered)
 
     def _announce(self, channel: str, state: _Channel, event: MemberEvent) -> None:
         """Fan a join/leave out, framed once, to every local subscriber but the member."""

@@ -3,17 +3,18 @@
 A client the node has heard nothing from for :data:`PING_INTERVAL` gets a PING;
 one still silent :data:`PING_TIMEOUT` after that PING is closed with 1011.
 Silence counts from the last bytes received, whatever they were (a PONG, an
-op, a PING of its own), so a busy connection is never pinged at all. The sweep
-looks at one of :data:`SLICES` slices of the connections per tick, so each
-connection is looked at every :data:`SWEEP` seconds and no tick holds the loop
-for long, even at 20,000 connections.
+op, a PING of its own), so a busy connection is never pinged at all. Every
+:data:`SWEEP` seconds the sweep takes a snapshot of the node's connections and
+looks at them in :data:`SLICES` equal slices spread over the period, so no tick
+holds the loop for long, even at 20,000 connections, and no connection pays
+for a place in a keepalive structure of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+from collections.abc import Collection
 
 from wsbroker.connection import ClientConnection
 from wsbroker.tasks import cancel_and_wait
@@ -32,17 +33,9 @@ SLICES = 20
 class Keepalive:
     """Pings quiet clients and drops the ones that stay silent; start() to run."""
 
-    def __init__(self) -> None:
-        self._slices: list[set[ClientConnection]] = [set() for _ in range(SLICES)]
-        self._slot = itertools.count()
+    def __init__(self, connections: Collection[ClientConnection]) -> None:
+        self._connections = connections
         self._task: asyncio.Task[None] | None = None
-
-    def add(self, connection: ClientConnection) -> None:
-        connection.keepalive_slot = slot = next(self._slot) % SLICES
-        self._slices[slot].add(connection)
-
-    def discard(self, connection: ClientConnection) -> None:
-        self._slices[connection.keepalive_slot].discard(connection)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -52,17 +45,22 @@ class Keepalive:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        for tick in itertools.count():
-            await asyncio.sleep(SWEEP / SLICES)
-            try:
-                self.check(self._slices[tick % SLICES], loop.time())
-            except Exception:  # a bug here must not end keepalive for everyone
-                log.exception("the keepalive sweep failed")
+        while True:
+            snapshot = list(self._connections)
+            size = -(-len(snapshot) // SLICES)  # ceil: every connection in some slice
+            for index in range(SLICES):
+                await asyncio.sleep(SWEEP / SLICES)
+                try:
+                    self.check(snapshot[index * size:(index + 1) * size], loop.time())
+                except Exception:  # a bug here must not end keepalive for everyone
+                    log.exception("the keepalive sweep failed")
 
     @staticmethod
-    def check(connections: set[ClientConnection], now: float) -> None:
+    def check(connections: list[ClientConnection], now: float) -> None:
         """Ping the quiet, drop the silent, among ``connections``."""
-        for connection in list(connections):
+        for connection in connections:
+            if not connection.is_open:
+                continue
             if connection.pinged_at > connection.last_heard:
                 if now - connection.pinged_at >= PING_TIMEOUT:
                     connection.fail(1011, "keepalive ping timeout")

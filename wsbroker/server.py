@@ -81,7 +81,8 @@ class Node:
         self.draining = False
         self._admitted: set[ClientConnection] = set()
         self._connections: set[ClientConnection] = set()
-        self._keepalive = Keepalive()
+        """Every connection from accept to connection_lost."""
+        self._keepalive = Keepalive(self._connections)
         self._trusted_proxies = _parse_networks(settings.trusted_proxies)
         self._backplane_seen_down = False
         self._server: asyncio.Server | None = None
@@ -176,6 +177,7 @@ class Node:
         if self._server is not None:
             self._server.close()
         await self._keepalive.stop()
+        self.services.expiries.close()
         for connection in list(self._connections):
             connection.close(1001, "")
         # Subscribes still waiting on the backplane end now, so their sessions
@@ -265,7 +267,6 @@ class Node:
         session = Session(self.services, connection, self._session_finished)
         self.sessions.add(session)
         self._no_sessions.clear()
-        self._keepalive.add(connection)
         session.start()
         if self.draining:  # its handshake was in flight when the drain began
             session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
@@ -273,7 +274,6 @@ class Node:
 
     def closed(self, connection: ClientConnection) -> None:
         self._connections.discard(connection)
-        self._keepalive.discard(connection)
         self._unadmit(connection)
 
     def _track(self, connection: ClientConnection) -> ClientConnection:

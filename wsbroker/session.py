@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
@@ -32,6 +31,7 @@ from wsbroker.backplane import Backplane, BackplaneUnavailable
 from wsbroker.batching import FlushScheduler
 from wsbroker.config import Settings
 from wsbroker.connection import ClientConnection
+from wsbroker.expiry import Expiries
 from wsbroker.history import HistoryNotEnabled, Position
 from wsbroker.hub import Hub, Outgoing
 from wsbroker.metrics import Metrics
@@ -72,6 +72,7 @@ class NodeServices:
     flusher: FlushScheduler
     presence: PresenceService
     webhooks: Webhooks | None = None
+    expiries: Expiries = field(default_factory=Expiries)
 
 
 class Session:
@@ -79,7 +80,7 @@ class Session:
 
     __slots__ = ("_background", "_connection", "_gone", "_inbox", "_limiter", "_node",
                  "_on_finished", "_outbox", "_settings", "_timer", "_worker", "_ws",
-                 "address", "channels", "client_id", "deliver", "identity")
+                 "address", "channels", "client_id", "deliver", "expiry_second", "identity")
 
     deliver: Callable[[Outgoing], bool]
     """Queue one frame without awaiting (:meth:`Outbox.put`); False if the client is
@@ -111,7 +112,9 @@ class Session:
         self._gone = False
         self._on_finished = on_finished
         self._timer: asyncio.TimerHandle | None = None
-        """The first frame's deadline while unauthenticated, then the token's expiry."""
+        """The first frame's deadline while unauthenticated."""
+        self.expiry_second: int | None = None
+        """Where the node's expiry registry filed this session (expiry.py)."""
         self._background: set[asyncio.Future[None]] | None = None
         """Presence leaves under way for dropped subscriptions (made at the first)."""
 
@@ -175,6 +178,7 @@ class Session:
         hand (if any) is done, so a subscribe that completes late is released too."""
         self._gone = True
         self._inbox.clear()
+        self._node.expiries.cancel(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -238,17 +242,16 @@ class Session:
                   self.client_id, identity.user, self.address)
 
     def _schedule_expiry(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
         identity = self._require_identity()
-        delay = identity.expires + self._settings.jwt_leeway - time.time()
-        self._timer = asyncio.get_running_loop().call_later(
-            max(delay, 0.0), self.close_soon, CLOSE_UNAUTHORIZED, "token expired"
-        )
+        self._node.expiries.schedule(self, identity.expires + self._settings.jwt_leeway)
+
+    def expired(self) -> None:
+        self.close_soon(CLOSE_UNAUTHORIZED, "token expired")
 
     async def _release(self) -> None:
         """Give back every channel at once: a client of many channels must not leave
         one awaited unsubscribe after another (each may wait on the backplane)."""
+        self._node.expiries.cancel(self)  # a refresh during the last op may have filed it
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
