@@ -116,12 +116,18 @@ class ChannelObserver(Protocol):
 class _Channel:
     """A channel's local subscribers and its backplane subscription."""
 
-    ready: asyncio.Task[None]
+    ready: asyncio.Task[None] | None
+    """The backplane subscribe while it is under way (or failed); None once confirmed,
+    so a quiet channel does not keep a finished task for its whole life."""
     prefix: bytes
     """The start of this channel's message frames (:func:`message_prefix`)."""
     subscribers: dict[Subscriber, None] = field(default_factory=dict)
     joining: int = 0
     history: ChannelHistory | None = None
+
+    def confirmed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.ready = None
 
 
 class Hub:
@@ -183,6 +189,7 @@ class Hub:
         if state is None:
             task = asyncio.ensure_future(self._backplane.subscribe(channel))
             state = self._channels[channel] = _Channel(task, message_prefix(channel))
+            task.add_done_callback(state.confirmed)
             rule = self._rules.rule_for(channel)
             if rule is not None:
                 state.history = ChannelHistory(
@@ -192,14 +199,17 @@ class Hub:
                     replay_budget=self._replay_budget)
             self._metrics.channels.set(len(self._channels))
         state.joining += 1
+        ready = state.ready
         try:
-            await asyncio.shield(state.ready)
+            if ready is not None:
+                await asyncio.shield(ready)
             if state.history is not None:
                 return await state.history.join(
                     subscriber, since, lambda: self._add(channel, state, subscriber), confirm)
         except asyncio.CancelledError:
             caller = asyncio.current_task()
-            if state.ready.cancelled() and caller is not None and not caller.cancelling():
+            if (ready is not None and ready.cancelled() and caller is not None
+                    and not caller.cancelling()):
                 # Cancelled by close(), not the caller: the node is shutting down.
                 raise BackplaneUnavailable("the node is shutting down") from None
             raise
@@ -207,7 +217,7 @@ class Hub:
             state.joining -= 1
             # A failed backplane subscribe is forgotten so the next attempt retries.
             # (A waiter cancelled at shutdown leaves the channel to hub.close().)
-            if state.ready.done() and (state.ready.cancelled() or state.ready.exception()):
+            if ready is not None and ready.done() and (ready.cancelled() or ready.exception()):
                 self._forget_if_idle(channel, state)
             elif state.history is not None and self._forget_if_idle(channel, state):
                 self._release_backplane(channel)  # its history could not be read
@@ -377,7 +387,8 @@ class Hub:
         """
         self._closed = True
         states = list(self._channels.values())
-        pending = [state.ready for state in states if not state.ready.done()]
+        pending = [state.ready for state in states
+                   if state.ready is not None and not state.ready.done()]
         self._channels.clear()
         self._listeners.clear()
         self._subscription_count = 0
