@@ -108,8 +108,8 @@ class ClientConnection(asyncio.Protocol):
     """A client connection from the accepted socket to ``connection_lost``."""
 
     __slots__ = ("_fragments", "_gate", "_handshake", "_loop", "_lost", "_paused",
-                 "_reading_stopped", "_timer", "address", "identity", "last_heard", "peer",
-                 "pinged_at", "read_limit", "transport", "ws")
+                 "_reading_stopped", "_timer", "address", "admitted", "identity", "last_heard",
+                 "peer", "pinged_at", "read_limit", "transport", "ws")
 
     def __init__(self, gate: Gate, options: ConnectionOptions) -> None:
         self._gate = gate
@@ -122,6 +122,8 @@ class ClientConnection(asyncio.Protocol):
         self.identity: Identity | None = None
         """Who the token given at the upgrade proved the client to be, if it gave one."""
         self.address = "?"
+        self.admitted = False
+        """Counted against --max-connections (the node's to set and clear)."""
         """The client's address (the X-Forwarded-For client behind a trusted proxy)."""
         self.last_heard = 0.0
         self.pinged_at = 0.0

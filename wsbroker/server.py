@@ -79,7 +79,8 @@ class Node:
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
         self.draining = False
-        self._admitted: set[ClientConnection] = set()
+        self._admitted = 0
+        """Connections past the handshake's checks (``connection.admitted``), until lost."""
         self._connections: set[ClientConnection] = set()
         """Every connection from accept to connection_lost."""
         self._keepalive = Keepalive(self._connections)
@@ -158,7 +159,7 @@ class Node:
                 await asyncio.sleep(delay)
             session.close_soon(CLOSE_SERVICE_RESTART, "service restart")
         closing = [asyncio.ensure_future(connection.wait_lost())
-                   for connection in self._admitted]
+                   for connection in self._connections if connection.admitted]
         if closing:
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
             for waiter in closing:
@@ -229,7 +230,7 @@ class Node:
 
     def report(self) -> NodeReport:
         """This node as ``/api/info`` shows it."""
-        return NodeReport(self.settings.node_id, len(self._admitted),
+        return NodeReport(self.settings.node_id, self._admitted,
                           self.hub.subscription_count, self.hub.channel_count,
                           uptime_since(self._started_at))
 
@@ -281,9 +282,10 @@ class Node:
         return connection
 
     def _unadmit(self, connection: ClientConnection) -> None:
-        if connection in self._admitted:
-            self._admitted.discard(connection)
-            self.metrics.connections.set(len(self._admitted))
+        if connection.admitted:
+            connection.admitted = False
+            self._admitted -= 1
+            self.metrics.connections.set(self._admitted)
 
     def _session_finished(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -342,12 +344,13 @@ class Node:
             origin not in settings.allowed_origins
         ):
             return http.text(403, "origin not allowed")
-        if settings.max_connections and len(self._admitted) >= settings.max_connections:
+        if settings.max_connections and self._admitted >= settings.max_connections:
             return http.text(503, "node is at its connection limit; try another")
         # Counted before any await: handshakes waiting on a slow key fetch hold
         # their place, so --max-connections stays exact.
-        self._admitted.add(connection)
-        self.metrics.connections.set(len(self._admitted))
+        connection.admitted = True
+        self._admitted += 1
+        self.metrics.connections.set(self._admitted)
         return None
 
     def _unauthorized(self, connection: ClientConnection, error: AuthError) -> Response:
