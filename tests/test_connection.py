@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import NodeFactory, node_settings
 from tests.helpers import WAIT, Client, eventually, make_token
-from tests.test_session_edges import HeldBackplane
+from tests.test_session_edges import HeldBackplane, held_node
 from wsbroker import connection, keepalive
 from wsbroker.config import RateLimit
 from wsbroker.server import Node
@@ -95,10 +95,16 @@ class RawClient:
         self.writer.close()
 
 
-@pytest.fixture
-async def raw(node: Node) -> AsyncIterator[RawClient]:
+async def welcomed(node: Node) -> RawClient:
+    """A raw client that gave its token at the upgrade and got its ``welcome``."""
     client = await RawClient.connect(node, make_token())
     assert (await client.json())["type"] == "welcome"
+    return client
+
+
+@pytest.fixture
+async def raw(node: Node) -> AsyncIterator[RawClient]:
+    client = await welcomed(node)
     yield client
     client.close()
 
@@ -114,8 +120,7 @@ async def test_a_silent_client_is_pinged_then_closed_1011(
     quick_keepalive: None, start_node: NodeFactory
 ) -> None:
     node = await start_node()
-    client = await RawClient.connect(node, make_token())
-    assert (await client.json())["type"] == "welcome"
+    client = await welcomed(node)
     opcode, _ = await client.frame()
     assert opcode == PING  # heard nothing for PING_INTERVAL
     assert await client.close_frame() == (1011, "keepalive ping timeout")
@@ -128,8 +133,7 @@ async def test_a_client_that_answers_pings_stays(
     quick_keepalive: None, start_node: NodeFactory
 ) -> None:
     node = await start_node()
-    client = await RawClient.connect(node, make_token())
-    assert (await client.json())["type"] == "welcome"
+    client = await welcomed(node)
     for _ in range(4):  # four rounds: ping, pong, silence again
         opcode, payload = await client.frame()
         assert opcode == PING
@@ -143,8 +147,7 @@ async def test_a_client_that_keeps_talking_is_never_pinged(
     quick_keepalive: None, start_node: NodeFactory
 ) -> None:
     node = await start_node()
-    client = await RawClient.connect(node, make_token())
-    assert (await client.json())["type"] == "welcome"
+    client = await welcomed(node)
     for index in range(12):  # 1.2 s, three times interval + timeout
         client.send_op(op="ping", id=index)
         assert await client.json() == {"type": "ok", "id": index}  # never a PING first
@@ -176,8 +179,7 @@ async def test_a_fragmented_op_with_a_ping_inside_is_answered(raw: RawClient) ->
 
 async def test_fragments_past_the_size_limit_close_1009(start_node: NodeFactory) -> None:
     node = await start_node(max_message_size=1000)
-    client = await RawClient.connect(node, make_token())
-    assert (await client.json())["type"] == "welcome"
+    client = await welcomed(node)
     for _ in range(3):  # 600 bytes each: only the whole is too big
         client.send(TEXT if _ == 0 else CONT, b" " * 600, fin=False)
     code, _reason = await client.close_frame()
@@ -210,15 +212,8 @@ async def test_the_close_handshake_is_echoed_and_the_tcp_connection_closed(
 @pytest.fixture
 async def held_unlimited() -> AsyncIterator[tuple[Node, HeldBackplane]]:
     """A node whose backplane a test can hold, with no rate limit on ops."""
-    engine = HeldBackplane()
-    node = Node(node_settings(rate_limit=RateLimit(0, 0)), backplane=engine)
-    await node.start()
-    try:
-        yield node, engine
-    finally:
-        if engine.subscribe_gate is not None:
-            engine.subscribe_gate.set()
-        await node.stop()
+    async with held_node(rate_limit=RateLimit(0, 0)) as pair:
+        yield pair
 
 
 async def test_ops_waiting_behind_a_slow_one_are_bounded_and_all_answered_in_order(
@@ -230,8 +225,7 @@ async def test_ops_waiting_behind_a_slow_one_are_bounded_and_all_answered_in_ord
     socket held). Nothing is lost or reordered."""
     node, engine = held_unlimited
     engine.subscribe_gate = asyncio.Event()
-    client = await RawClient.connect(node, make_token())
-    assert (await client.json())["type"] == "welcome"
+    client = await welcomed(node)
     client.send_op(op="subscribe", id=0, channel="slow")
     count, pad = 10_000, "x" * 1000  # 10 MB: more than loopback's kernel buffers hold
     for index in range(1, count + 1):
@@ -255,8 +249,7 @@ async def test_ops_waiting_behind_a_slow_one_are_bounded_and_all_answered_in_ord
 async def test_stop_closes_open_connections_1001() -> None:
     node = Node(node_settings())
     await node.start()
-    client = await RawClient.connect(node, make_token())
-    assert (await client.json())["type"] == "welcome"
+    client = await welcomed(node)
     stopping = asyncio.ensure_future(node.stop())
     code, _ = await client.close_frame()
     assert code == 1001

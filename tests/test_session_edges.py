@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from websockets.exceptions import InvalidStatus
@@ -56,10 +57,11 @@ class HeldBackplane(MemoryBackplane):
         await super().publish(channel, payload)
 
 
-@pytest.fixture
-async def held() -> AsyncIterator[tuple[Node, HeldBackplane]]:
+@contextlib.asynccontextmanager
+async def held_node(**overrides: Any) -> AsyncIterator[tuple[Node, HeldBackplane]]:
+    """A node on a :class:`HeldBackplane`, with Settings overrides; gates opened at the end."""
     engine = HeldBackplane()
-    node = Node(node_settings(), backplane=engine)
+    node = Node(node_settings(**overrides), backplane=engine)
     await node.start()
     try:
         yield node, engine
@@ -69,6 +71,12 @@ async def held() -> AsyncIterator[tuple[Node, HeldBackplane]]:
         if engine.unsubscribe_gate is not None:
             engine.unsubscribe_gate.set()
         await node.stop()
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[Node, HeldBackplane]]:
+    async with held_node() as pair:
+        yield pair
 
 
 def metrics_of(node: Node) -> str:
