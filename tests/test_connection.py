@@ -11,18 +11,25 @@ node receives and sees every frame it sends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+import trustme
 
 from tests.conftest import NodeFactory, node_settings
 from tests.helpers import WAIT, Client, eventually, make_token
 from tests.test_session_edges import HeldBackplane, held_node
 from wsbroker import connection, keepalive
+from wsbroker.backplane.memory import MemoryBackplane
 from wsbroker.config import RateLimit
+from wsbroker.history import HistoryRules
 from wsbroker.server import Node
 
 TEXT, CONT, BINARY, CLOSE, PING, PONG = 0x1, 0x0, 0x2, 0x8, 0x9, 0xA
@@ -257,3 +264,99 @@ async def test_stop_closes_open_connections_1001() -> None:
     await client.eof()
     client.close()
     await asyncio.wait_for(stopping, WAIT)
+
+
+# -- found in review: each of these failed on the first version of connection.py --------
+
+
+@pytest.mark.parametrize("one_write", [True, False])
+async def test_a_publish_sent_right_before_the_close_is_delivered(
+    node: Node, one_write: bool
+) -> None:
+    """A browser's ``send(); close()``: the close frame may come in the same read as
+    the publish, or right after it, before the op's turn. The publish still goes out."""
+    async with Client.connect(f"ws://127.0.0.1:{node.port}/ws", make_token("bob")) as watcher:
+        await watcher.subscribe("news")
+        client = await RawClient.connect(node, make_token(publish=[">"]))
+        assert (await client.json())["type"] == "welcome"
+        publish = {"op": "publish", "id": 1, "channel": "news", "data": {"last": "words"}}
+        client.send(TEXT, orjson.dumps(publish))
+        if not one_write:
+            await client.writer.drain()
+        client.send(CLOSE, struct.pack("!H", 1000))
+        message = await watcher.next_message()
+        assert message["data"] == {"last": "words"}
+        client.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\r\n",  # a stray CRLF after the request
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Authorization: Bearer TOKEN\r\n\r\n\x81\x05hello",  # an unmasked frame
+])
+async def test_bytes_after_the_request_that_are_no_frame_close_the_connection_quietly(
+    node: Node, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    """websockets gives up on a connection whose first bytes after the request are
+    no valid frame (HTTP pipelining is not spoken here): the node closes it, with
+    no traceback and nothing left behind."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    writer.write(request_bytes.replace(b"TOKEN", make_token().encode()))
+    async with asyncio.timeout(WAIT):
+        await reader.read()  # until the node closes; what it sent before does not matter
+    writer.close()
+    await eventually(lambda: not node._connections and not node.sessions)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_tcp_connects_that_never_finish_tls_leave_nothing_behind(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """A load balancer's TCP health check, or plain HTTP on the TLS port: asyncio never
+    tells the connection about it, so the node must not count on hearing of it."""
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    node = Node(node_settings(tls_cert=str(tmp_path / "cert.pem"),
+                              tls_key=str(tmp_path / "key.pem")))
+    await node.start()
+    try:
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(WAIT):
+                await reader.read()
+            writer.close()
+        assert not node._connections
+    finally:
+        await asyncio.wait_for(node.stop(), WAIT)
+
+
+class HeldHistoryReads(MemoryBackplane):
+    """The in-process engine with history reads a test holds open (a slow Redis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = asyncio.Event()
+
+    async def read_since(self, *args: Any, **kwargs: Any) -> Any:
+        await self.reads.wait()
+        return await super().read_since(*args, **kwargs)
+
+
+async def test_stop_with_a_history_subscribe_in_flight_releases_the_session_promptly() -> None:
+    engine = HeldHistoryReads()
+    node = Node(node_settings(history=HistoryRules.parse(["h.>=100"])), backplane=engine)
+    await node.start()
+    async with Client.connect(f"ws://127.0.0.1:{node.port}/ws", make_token()) as client:
+        await client.send({"op": "subscribe", "id": 1, "channel": "h.x"})  # held on the read
+        (session,) = node.sessions
+        await eventually(lambda: session._worker is not None)
+        started = time.monotonic()
+        await asyncio.wait_for(node.stop(), WAIT)
+        assert time.monotonic() - started < 2
+        assert not node.sessions

@@ -58,6 +58,11 @@ Verdict = Response | None
 class Gate(Protocol):
     """What a connection asks of its node."""
 
+    def connected(self, connection: ClientConnection) -> None:
+        """TCP (and TLS) is up; ``closed`` follows, once. A TLS handshake that
+        fails never gets this far, and asyncio never tells the connection."""
+        ...
+
     def handshake(self, connection: ClientConnection,
                   request: Request) -> Verdict | Awaitable[Verdict]:
         """Accept (None) or refuse (a response) ``request``, at once or later."""
@@ -107,7 +112,7 @@ class ConnectionOptions:
 class ClientConnection(asyncio.Protocol):
     """A client connection from the accepted socket to ``connection_lost``."""
 
-    __slots__ = ("_fragments", "_gate", "_handshake", "_loop", "_lost", "_paused",
+    __slots__ = ("_eof_written", "_fragments", "_gate", "_handshake", "_loop", "_lost", "_paused",
                  "_reading_stopped", "_timer", "address", "admitted", "identity", "last_heard",
                  "peer", "pinged_at", "read_limit", "transport", "ws")
 
@@ -133,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self._lost: asyncio.Future[None] | bool = False
         self._paused = False
         self._reading_stopped = False
+        self._eof_written = False
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -143,10 +149,15 @@ class ClientConnection(asyncio.Protocol):
             self.address = str(peer[0])
         self.last_heard = self._loop.time()
         self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        self._gate.connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = self._loop.time()
         ws = self.ws
+        # Messages are read unless the closing handshake had begun before this
+        # read: a close frame later in this same read (a client's send() then
+        # close()) must not make the node drop what preceded it.
+        closing = self.peer is not None and ws.state is not State.OPEN
         ws.receive_data(data)
         events = ws.events_received()
         transport = self.transport
@@ -156,7 +167,8 @@ class ClientConnection(asyncio.Protocol):
             self.read_limit.after_read(transport.get_write_buffer_size() > before)
         for event in events:
             if type(event) is Frame:
-                self._frame(event)
+                if self.peer is not None and not closing:
+                    self._frame(event)
             else:
                 self._request(cast(Request, event))
 
@@ -199,12 +211,21 @@ class ClientConnection(asyncio.Protocol):
             verdict = _internal_error(self.ws)
         finally:
             self._handshake = None
-        self._respond(request, verdict)
+        try:
+            self._respond(request, verdict)
+        except Exception:  # nothing may be left half-answered
+            log.exception("answering the upgrade of a client from %s failed", self.address)
+            self.transport.abort()
 
     def _respond(self, request: Request, verdict: Verdict) -> None:
         ws = self.ws
         if self._lost is True or ws.state is not State.CONNECTING:
             return  # the client left (or timed out) while the node decided
+        if ws.eof_sent:
+            # What followed the request was no WebSocket frame (a second request,
+            # stray bytes): websockets gave up on the connection; so do we.
+            self.transport.abort()
+            return
         response = ws.accept(request) if verdict is None else verdict
         response.headers["Server"] = SERVER_NAME
         ws.send_response(response)
@@ -231,15 +252,13 @@ class ClientConnection(asyncio.Protocol):
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT:
-            if self.peer is None or self.ws.state is not State.OPEN:
-                return  # closing: what the client sent meanwhile is not read
             if frame.fin:
                 self._text(frame.data)
             else:
                 self._fragments = [bytes(frame.data)]
         elif opcode is Opcode.CONT:
             fragments = self._fragments
-            if fragments is None or self.ws.state is not State.OPEN:
+            if fragments is None:
                 return
             fragments.append(bytes(frame.data))
             if frame.fin:
@@ -247,8 +266,8 @@ class ClientConnection(asyncio.Protocol):
                 self._text(b"".join(fragments))
         elif opcode is Opcode.BINARY:
             self._fragments = None
-            if self.peer is not None and self.ws.state is State.OPEN:
-                self.peer.binary_received()
+            assert self.peer is not None
+            self.peer.binary_received()
         # PING, PONG and CLOSE: websockets has answered them (send_pending above).
 
     def _text(self, data: bytes | bytearray | memoryview) -> None:
@@ -267,9 +286,13 @@ class ClientConnection(asyncio.Protocol):
         """Write what websockets has framed (a half-close after the closing handshake)."""
         transport = self.transport
         for data in self.ws.data_to_send():
+            if self._eof_written or transport.is_closing():
+                continue  # nothing goes out after our end of the stream
             if data:
                 transport.write(data)
-            elif transport.can_write_eof():
+                continue
+            self._eof_written = True
+            if transport.can_write_eof():
                 try:
                     transport.write_eof()
                 except Exception:  # uvloop may raise RuntimeError on a closing transport
@@ -290,7 +313,7 @@ class ClientConnection(asyncio.Protocol):
         if self.ws.state is State.OPEN:
             self.ws.send_close(code, fit_close_reason(reason))
             self.send_pending()
-        elif self.ws.state is State.CONNECTING:
+        elif self.ws.state is State.CONNECTING and self._lost is not True:
             self.transport.abort()
 
     def fail(self, code: int, reason: str) -> None:

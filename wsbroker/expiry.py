@@ -12,9 +12,12 @@ of its second in O(1).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Protocol
+
+log = logging.getLogger("wsbroker.expiry")
 
 
 class Expiring(Protocol):
@@ -65,7 +68,10 @@ class Expiries:
         self._timers.pop(second, None)
         for session in self._due.pop(second, ()):
             session.expiry_second = None
-            session.expired()
+            try:
+                session.expired()
+            except Exception:  # one failure must not spare the rest of the second
+                log.exception("closing a session whose token expired failed")
 
     def close(self) -> None:
         """Node shutdown: no timer outlives it."""

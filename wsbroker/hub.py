@@ -208,8 +208,8 @@ class Hub:
                     subscriber, since, lambda: self._add(channel, state, subscriber), confirm)
         except asyncio.CancelledError:
             caller = asyncio.current_task()
-            if (ready is not None and ready.cancelled() and caller is not None
-                    and not caller.cancelling()):
+            if ((self._closed or (ready is not None and ready.cancelled()))
+                    and caller is not None and not caller.cancelling()):
                 # Cancelled by close(), not the caller: the node is shutting down.
                 raise BackplaneUnavailable("the node is shutting down") from None
             raise

@@ -50,20 +50,20 @@ class Keepalive:
             size = -(-len(snapshot) // SLICES)  # ceil: every connection in some slice
             for index in range(SLICES):
                 await asyncio.sleep(SWEEP / SLICES)
-                try:
-                    self.check(snapshot[index * size:(index + 1) * size], loop.time())
-                except Exception:  # a bug here must not end keepalive for everyone
-                    log.exception("the keepalive sweep failed")
+                self.check(snapshot[index * size:(index + 1) * size], loop.time())
 
     @staticmethod
     def check(connections: list[ClientConnection], now: float) -> None:
         """Ping the quiet, drop the silent, among ``connections``."""
         for connection in connections:
-            if not connection.is_open:
-                continue
-            if connection.pinged_at > connection.last_heard:
-                if now - connection.pinged_at >= PING_TIMEOUT:
-                    connection.fail(1011, "keepalive ping timeout")
-            elif now - connection.last_heard >= PING_INTERVAL:
-                connection.pinged_at = now
-                connection.ping()
+            try:
+                if not connection.is_open:
+                    continue
+                if connection.pinged_at > connection.last_heard:
+                    if now - connection.pinged_at >= PING_TIMEOUT:
+                        connection.fail(1011, "keepalive ping timeout")
+                elif now - connection.last_heard >= PING_INTERVAL:
+                    connection.pinged_at = now
+                    connection.ping()
+            except Exception:  # one broken connection must not spare the others
+                log.exception("keepalive failed for a client from %s", connection.address)

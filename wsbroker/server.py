@@ -113,7 +113,7 @@ class Node:
         extensions = enable_server_permessage_deflate(None) if settings.compression else []
         options = ConnectionOptions(settings.max_message_size, extensions)
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._track(ClientConnection(self, options)),
+            lambda: ClientConnection(self, options),
             settings.host,
             settings.port,
             ssl=_tls_context(settings),
@@ -277,9 +277,8 @@ class Node:
         self._connections.discard(connection)
         self._unadmit(connection)
 
-    def _track(self, connection: ClientConnection) -> ClientConnection:
+    def connected(self, connection: ClientConnection) -> None:
         self._connections.add(connection)
-        return connection
 
     def _unadmit(self, connection: ClientConnection) -> None:
         if connection.admitted:

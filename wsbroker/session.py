@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from wsbroker import protocol
@@ -177,10 +176,10 @@ class Session:
         self.close_soon(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
 
     def connection_closed(self) -> None:
-        """Nothing more comes in: give back what the client held, once its op in
-        hand (if any) is done, so a subscribe that completes late is released too."""
+        """Nothing more comes in: give back what the client held once the ops it
+        sent are done (a publish sent just before closing still goes out, and a
+        subscribe that completes late is released too)."""
         self._gone = True
-        self._inbox.clear()
         self._node.expiries.cancel(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -189,6 +188,12 @@ class Session:
             self._worker = asyncio.get_running_loop().create_task(self._release())
 
     async def _work(self) -> None:
+        """Answer the ops in the inbox, in order, until it is empty.
+
+        Every op the client sent is handled, also once the connection closes:
+        its replies then go nowhere, but a publish sent just before a close
+        still reaches the channel (as websockets' own layer did).
+        """
         inbox = self._inbox
         try:
             while inbox:
@@ -196,20 +201,28 @@ class Session:
                 if self.identity is None:
                     if not await self._authenticate_first(frame):
                         inbox.clear()
-                elif self._ws.state is State.OPEN:
+                else:
                     await self._handle(frame)
                 if len(inbox) < MAX_WAITING_OPS // 2:
                     self._connection.resume_reading()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being stopped: the finally clause still releases
+            # Something it awaited was cancelled under it (shutdown): the op failed.
+            inbox.clear()
         except Exception:
             # A bug, not the client's fault: say so once, close 1011, count it as such.
             log.exception("client %s (%s): the session failed", self.client_id, self.address)
             inbox.clear()
             self.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
-        self._inbox = _NO_OPS  # empty now: give its block back until the next op
-        if self._gone:
-            await self._release()
-        else:
-            self._worker = None
+        finally:
+            self._inbox = _NO_OPS  # empty now: give its block back until the next op
+            self._connection.resume_reading()  # so the close handshake can complete
+            if self._gone:
+                await self._release()
+            else:
+                self._worker = None
 
     def _auth_timed_out(self) -> None:
         self._timer = None
