@@ -284,20 +284,8 @@ class ClusterBackplane(FunctionHistory, Backplane):
         key = self._prefix + channel.encode()
         shard = self._owner.get(key)
         self._forget(key)
-        link = shard.link if shard is not None else None
-        if shard is None or link is None:
-            return  # not subscribed, or that shard is down and holds nothing
-        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                async with link.lock:
-                    if link.dead or self._owner.get(key) is shard:
-                        return  # gone, or subscribed here again meanwhile
-                    await shard.sub.unsubscribe(link, key, future)
-                await future
-        except (BackplaneUnavailable, TimeoutError):
-            # Never fails: if the link is dying the subscription dies with it.
-            log.debug("sunsubscribe %s not confirmed; the link is going away", channel)
+        if shard is not None:  # else not subscribed
+            await shard.sub.drop(key, channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self._on_owner(channel, "publish",

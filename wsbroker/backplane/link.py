@@ -327,6 +327,29 @@ class SubscriberLink:
         link.lost.set()
         self._hooks.lost(reason, notify)
 
+    async def drop(self, key: bytes, channel: str) -> None:
+        """Unsubscribe ``key``, which the engine already forgot, and await Redis's answer.
+
+        Never fails: if the connection is dying the subscription dies with it.
+        Nothing is sent while down (the link holds nothing and will not re-subscribe
+        ``key``), nor if ``key`` is wanted here again by the time we hold the lock
+        (a subscribe came in between; ``Hooks.wants``, as for a late confirmation).
+        """
+        link = self.link
+        if link is None:
+            return
+        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                async with link.lock:
+                    if link.dead or self._hooks.wants(key):
+                        return
+                    await self.unsubscribe(link, key, future)
+                await future
+        except (BackplaneUnavailable, TimeoutError):
+            self._log.debug("%s %s not confirmed; the connection is going away",
+                            self._dialect.unsubscribed.decode(), channel)
+
     # -- writing (the caller holds link.lock) ------------------------------------
 
     async def subscribe(self, link: Link, key: bytes,

@@ -185,20 +185,7 @@ class RedisBackplane(FunctionHistory, Backplane):
         key = self._prefix + channel.encode()
         self._names.pop(key, None)
         self._tokens.pop(key, None)
-        link = self._sub.link
-        if link is None:
-            return  # down: there is no subscription to drop; we will not re-subscribe it
-        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                async with link.lock:
-                    if link.dead or key in self._names:
-                        return  # gone, or subscribed again meanwhile: nothing to send
-                    await self._sub.unsubscribe(link, key, future)
-                await future
-        except (BackplaneUnavailable, TimeoutError):
-            # Never fails: if the connection is dying the subscription dies with it.
-            log.debug("unsubscribe %s not confirmed; the connection is going away", channel)
+        await self._sub.drop(key, channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         if not self._up:
