@@ -81,6 +81,7 @@ from wsbroker.backplane.link import (
     RESUBSCRIBE_CHUNK,
     SETUP_TIMEOUT,
     SHARDED,
+    Claims,
     Hooks,
     Link,
     SubscriberLink,
@@ -164,15 +165,14 @@ class ClusterBackplane(FunctionHistory, Backplane):
         self._sub_options: dict[str, Any] = {**url_options, **sub_options}
         self._seed_pub: Redis = publishing_client(self._url, self._pub_options)
         # Wanted channels: prefixed Redis name → our name (the readers' lookup
-        # table), → the token of the subscribe call that added it, and → the
-        # shard it is (to be) subscribed on. Orphans were dropped by Redis (slot
-        # moved) or refused with MOVED, and wait for the keeper to re-route them.
+        # table), → the shard it is (to be) subscribed on, and which subscribe
+        # call added it. Orphans were dropped by Redis (slot moved) or refused
+        # with MOVED, and wait for the keeper to re-route them.
         self._names: dict[bytes, str] = {}
-        self._tokens: dict[bytes, int] = {}
         self._owner: dict[bytes, _Shard] = {}
         self._orphans: dict[bytes, _Shard] = {}  # → the shard that dropped or refused it
         self._unresolved = 0  # keeper rounds in a row whose map still names that shard
-        self._counter = itertools.count(1)
+        self._claims = Claims(self._forget)
         self._shards: dict[str, _Shard] = {}
         self._slots: list[str] | None = None  # slot → master name ("" = not covered)
         self._masters: set[str] = set()
@@ -233,7 +233,7 @@ class ClusterBackplane(FunctionHistory, Backplane):
             await self._retire(shard)
         self._shards.clear()
         self._names.clear()
-        self._tokens.clear()
+        self._claims.clear()
         self._owner.clear()
         self._orphans.clear()
         self._slots = None
@@ -242,9 +242,8 @@ class ClusterBackplane(FunctionHistory, Backplane):
     async def subscribe(self, channel: str) -> None:
         self._require_map()
         key = self._prefix + channel.encode()
-        token = next(self._counter)
         loop = asyncio.get_running_loop()
-        try:
+        with self._claims.attempt(key) as claim:
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 for redirects in itertools.count():
                     shard = self._shard_for(key)
@@ -258,7 +257,7 @@ class ClusterBackplane(FunctionHistory, Backplane):
                             raise BackplaneUnavailable(f"Redis Cluster shard {shard.name} "
                                                        "is unavailable")
                         self._names[key] = channel
-                        self._tokens[key] = token
+                        claim()
                         self._owner[key] = shard
                         self._orphans.pop(key, None)
                         await shard.sub.subscribe(link, key, future)
@@ -270,34 +269,13 @@ class ClusterBackplane(FunctionHistory, Backplane):
                         continue
                     raise BackplaneUnavailable(f"SSUBSCRIBE on Redis Cluster shard "
                                                f"{shard.name} failed: {error}")
-        except BaseException as exc:
-            # The caller will not count this channel as subscribed: forget it
-            # (unless a later subscribe call owns it now). If Redis confirms it
-            # after all, the reader unsubscribes what nobody wants.
-            if self._tokens.get(key) == token:
-                self._forget(key)
-            if isinstance(exc, TimeoutError):
-                raise BackplaneUnavailable("Redis did not confirm the subscription") from None
-            raise
 
     async def unsubscribe(self, channel: str) -> None:
         key = self._prefix + channel.encode()
         shard = self._owner.get(key)
         self._forget(key)
-        link = shard.link if shard is not None else None
-        if shard is None or link is None:
-            return  # not subscribed, or that shard is down and holds nothing
-        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                async with link.lock:
-                    if link.dead or self._owner.get(key) is shard:
-                        return  # gone, or subscribed here again meanwhile
-                    await shard.sub.unsubscribe(link, key, future)
-                await future
-        except (BackplaneUnavailable, TimeoutError):
-            # Never fails: if the link is dying the subscription dies with it.
-            log.debug("sunsubscribe %s not confirmed; the link is going away", channel)
+        if shard is not None:  # else not subscribed
+            await shard.sub.drop(key, channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self._on_owner(channel, "publish",
@@ -544,7 +522,7 @@ class ClusterBackplane(FunctionHistory, Backplane):
 
     def _forget(self, key: bytes) -> None:
         self._names.pop(key, None)
-        self._tokens.pop(key, None)
+        self._claims.discard(key)
         self._owner.pop(key, None)
         self._orphans.pop(key, None)
 

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -120,6 +121,46 @@ def publishing_client(url: str, options: dict[str, Any]) -> Redis:
 def failure(error: Exception) -> str:
     """Why a command failed, for :class:`BackplaneUnavailable`."""
     return f"Redis refused: {error}" if isinstance(error, ResponseError) else str(error)
+
+
+class Claims:
+    """Which subscribe call last claimed each wanted channel (its Redis name).
+
+    A subscribe that fails or is cancelled must forget its channel (the caller
+    will not count it as subscribed), but only if no later subscribe call
+    claimed it meanwhile: that call owns it now. If Redis confirms it after
+    all, the reader unsubscribes what nobody wants.
+    """
+
+    def __init__(self, forget: Callable[[bytes], None]) -> None:
+        self._tokens: dict[bytes, int] = {}
+        self._counter = itertools.count(1)
+        self._forget = forget
+        """Drop a channel from the engine's tables (called with its claim already gone)."""
+
+    def discard(self, key: bytes) -> None:
+        self._tokens.pop(key, None)
+
+    def clear(self) -> None:
+        self._tokens.clear()
+
+    @contextlib.contextmanager
+    def attempt(self, key: bytes) -> Iterator[Callable[[], None]]:
+        """One subscribe call; it calls what this yields when it adds ``key`` to its tables.
+
+        A failure forgets ``key`` if this call still owns it; a timeout becomes
+        :class:`BackplaneUnavailable`.
+        """
+        token = next(self._counter)
+        try:
+            yield functools.partial(self._tokens.__setitem__, key, token)
+        except BaseException as exc:
+            if self._tokens.get(key) == token:
+                del self._tokens[key]
+                self._forget(key)
+            if isinstance(exc, TimeoutError):
+                raise BackplaneUnavailable("Redis did not confirm the subscription") from None
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +367,29 @@ class SubscriberLink:
         link.fifo.clear()
         link.lost.set()
         self._hooks.lost(reason, notify)
+
+    async def drop(self, key: bytes, channel: str) -> None:
+        """Unsubscribe ``key``, which the engine already forgot, and await Redis's answer.
+
+        Never fails: if the connection is dying the subscription dies with it.
+        Nothing is sent while down (the link holds nothing and will not re-subscribe
+        ``key``), nor if ``key`` is wanted here again by the time we hold the lock
+        (a subscribe came in between; ``Hooks.wants``, as for a late confirmation).
+        """
+        link = self.link
+        if link is None:
+            return
+        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                async with link.lock:
+                    if link.dead or self._hooks.wants(key):
+                        return
+                    await self.unsubscribe(link, key, future)
+                await future
+        except (BackplaneUnavailable, TimeoutError):
+            self._log.debug("%s %s not confirmed; the connection is going away",
+                            self._dialect.unsubscribed.decode(), channel)
 
     # -- writing (the caller holds link.lock) ------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import re
 from typing import Any
@@ -38,6 +37,7 @@ from wsbroker.backplane.link import (
     RESUBSCRIBE_CHUNK,
     SETUP_TIMEOUT,
     YIELD_EVERY,
+    Claims,
     Hooks,
     SubscriberLink,
     backoff_delay,
@@ -98,10 +98,9 @@ class RedisBackplane(FunctionHistory, Backplane):
         self._pub: Redis = publishing_client(self._url, pub_options)
         self._publisher = Pipeliner(self._pub, "PUBLISH")
         # Wanted channels: prefixed Redis name → our name (the reader's lookup
-        # table), and → the token of the subscribe call that added it.
+        # table), and which subscribe call added it.
         self._names: dict[bytes, str] = {}
-        self._tokens: dict[bytes, int] = {}
-        self._counter = itertools.count(1)
+        self._claims = Claims(self._names.__delitem__)
         self._sub = SubscriberLink(
             CLASSIC,
             Hooks(deliver=lambda: self._on_message, wanted=lambda: list(self._names),
@@ -148,7 +147,7 @@ class RedisBackplane(FunctionHistory, Backplane):
         await self._sub.stop()  # the supervisor normally closed it already
         self._up = False
         self._names.clear()
-        self._tokens.clear()
+        self._claims.clear()
         await self._publisher.close()
         await self._pub.aclose()
 
@@ -158,47 +157,23 @@ class RedisBackplane(FunctionHistory, Backplane):
             raise BackplaneUnavailable("Redis is unavailable")
         key = self._prefix + channel.encode()
         future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        token = next(self._counter)
-        try:
+        with self._claims.attempt(key) as claim:
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 async with link.lock:
                     if link.dead:
                         raise BackplaneUnavailable("Redis is unavailable")
                     self._names[key] = channel
-                    self._tokens[key] = token
+                    claim()
                     await self._sub.subscribe(link, key, future)
                 error = await future
             if error is not None:
                 raise BackplaneUnavailable(failure(error))
-        except BaseException as exc:
-            # The caller will not count this channel as subscribed: forget it
-            # (unless a later subscribe call owns it now). If Redis confirms it
-            # after all, the reader unsubscribes what nobody wants.
-            if self._tokens.get(key) == token:
-                del self._tokens[key]
-                del self._names[key]
-            if isinstance(exc, TimeoutError):
-                raise BackplaneUnavailable("Redis did not confirm the subscription") from None
-            raise
 
     async def unsubscribe(self, channel: str) -> None:
         key = self._prefix + channel.encode()
         self._names.pop(key, None)
-        self._tokens.pop(key, None)
-        link = self._sub.link
-        if link is None:
-            return  # down: there is no subscription to drop; we will not re-subscribe it
-        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                async with link.lock:
-                    if link.dead or key in self._names:
-                        return  # gone, or subscribed again meanwhile: nothing to send
-                    await self._sub.unsubscribe(link, key, future)
-                await future
-        except (BackplaneUnavailable, TimeoutError):
-            # Never fails: if the connection is dying the subscription dies with it.
-            log.debug("unsubscribe %s not confirmed; the connection is going away", channel)
+        self._claims.discard(key)
+        await self._sub.drop(key, channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         if not self._up:
