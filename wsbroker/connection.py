@@ -358,10 +358,6 @@ class ClientConnection(asyncio.Protocol):
     def is_open(self) -> bool:
         return self.ws.state is State.OPEN
 
-    @property
-    def lost(self) -> bool:
-        return self._lost is True
-
     async def wait_lost(self) -> None:
         """Until ``connection_lost`` (a future is made only for those who wait)."""
         if self._lost is True:
